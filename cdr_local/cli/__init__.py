@@ -1,0 +1,58 @@
+"""The ``cdr`` command line: a thin layer over the core, one module per command.
+
+Heavy imports (llama_cpp, numpy, rich tables) happen inside the commands, so
+``cdr --help`` stays fast.  User errors (:class:`CdrError`) print one line and
+exit with code 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..errors import CdrError
+
+app = typer.Typer(
+    name="cdr",
+    help="Offline preference annotation with a customized density ratio: "
+    "reward(x, y) = log p_strong(y|x) - log p_weak(y|x), on local GGUF models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _register() -> None:
+    from . import annotate, models, score
+
+    app.command("annotate")(annotate.annotate)
+    app.command("score")(score.score)
+    app.add_typer(models.app, name="models")
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CdrError as e:
+        sys.stderr.write(f"cdr: error: {e.message}\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("cdr: interrupted\n")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.stderr.write("cdr: aborted\n")
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        from typer._click.exceptions import ClickException
+
+        if isinstance(e, ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,88 @@
+"""``cdr models list | check | pull``: the registry and the local model cache."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .options import ModelsOpt
+
+app = typer.Typer(help="List, check and fetch the models of the registry (models.toml).", no_args_is_help=True)
+
+NamesArg = Annotated[list[str] | None, typer.Argument(help="Model names (default: the default pair's models).")]
+PairNamesOpt = Annotated[str | None, typer.Option("--pair", "-p", help="The models of this pair.")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every model in the registry.")]
+
+
+def _select(reg, names: list[str] | None, pair: str | None, all_: bool) -> list:  # type: ignore[no-untyped-def]
+    if all_:
+        return list(reg.models.values())
+    if names:
+        return [reg.model(n) for n in names]
+    p = reg.pair(pair)
+    out = [reg.model(p.strong.model)]
+    if p.weak.model != p.strong.model:
+        out.append(reg.model(p.weak.model))
+    return out
+
+
+@app.command("list")
+def list_(models: ModelsOpt = None) -> None:
+    """Models and pairs in the registry, and whether each model is present."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..models import is_present, load_registry, model_path
+
+    reg = load_registry(models)
+    t = Table(title=f"models ({reg.path})")
+    for c in ("name", "source", "present", "path", "description"):
+        t.add_column(c)
+    for m in reg.models.values():
+        t.add_row(m.name, m.source_kind, "yes" if is_present(m) else "no", str(model_path(m)), m.description)
+    p = Table(title="pairs")
+    for c in ("name", "strong", "weak", "description"):
+        p.add_column(c)
+    for pr in reg.pairs.values():
+        def side(s):  # type: ignore[no-untyped-def]
+            return s.model + (" + system prompt" if s.system else "")
+        name = pr.name + (" (default)" if pr.name == reg.default_pair else "")
+        p.add_row(name, side(pr.strong), side(pr.weak), pr.description)
+    c = Console()
+    c.print(t)
+    c.print(p)
+
+
+@app.command("check")
+def check(names: NamesArg = None, pair: PairNamesOpt = None, all_: AllOpt = False, models: ModelsOpt = None) -> None:
+    """Verify present models (sha256 and GGUF header). Exit 2 if any is missing or bad."""
+    from ..models import load_registry, verify
+
+    reg = load_registry(models)
+    bad = 0
+    for spec in _select(reg, names, pair, all_):
+        r = verify(spec)
+        typer.echo(f"{'ok ' if r.ok else 'BAD'} {spec.name}: {r.message}")
+        bad += not r.ok
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command("pull")
+def pull(
+    names: NamesArg = None,
+    pair: PairNamesOpt = None,
+    all_: AllOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if present.")] = False,
+    models: ModelsOpt = None,
+) -> None:
+    """Fetch models into the cache (CDR_CACHE_DIR or CDR_HOME/models), verifying sha256."""
+    from ..models import load_registry
+    from ..models import pull as do_pull
+    from ..ui import say
+
+    reg = load_registry(models)
+    for spec in _select(reg, names, pair, all_):
+        path = do_pull(spec, progress=say, force=force)
+        typer.echo(f"{spec.name}: {path}")

@@ -1,0 +1,54 @@
+"""Options shared by several commands (engine settings, registry, pair)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ModelsOpt = Annotated[
+    Path | None,
+    typer.Option("--models", envvar="CDR_MODELS", help="Model registry (TOML). Default: the shipped models.toml."),
+]
+PairOpt = Annotated[str | None, typer.Option("--pair", "-p", help="Pair name from the registry. Default: its default_pair.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: [engine] n_threads; 0 = all cores).")]
+NCtxOpt = Annotated[int | None, typer.Option("--n-ctx", help="Context window in tokens; longer records are truncated (and flagged).")]
+NBatchOpt = Annotated[int | None, typer.Option("--n-batch", help="Tokens per llama_decode call.")]
+NUbatchOpt = Annotated[int | None, typer.Option("--n-ubatch", help="Physical batch size.")]
+GpuOpt = Annotated[int | None, typer.Option("--n-gpu-layers", help="Layers on the GPU (-1 = all; needs a CUDA build).")]
+ParallelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--parallel-responses",
+        help="Decode the responses of a record side by side (several sequences per decode). "
+        "Faster on some machines, but a response's score then depends slightly on its sibling responses.",
+    ),
+]
+NoPullOpt = Annotated[bool, typer.Option("--no-pull", help="Fail instead of fetching missing registry models.")]
+
+
+def engine_overrides(threads: Any, n_ctx: Any, n_batch: Any, n_ubatch: Any, n_gpu_layers: Any, parallel: bool) -> dict[str, Any]:
+    return {
+        "n_threads": threads,
+        "n_ctx": n_ctx,
+        "n_batch": n_batch,
+        "n_ubatch": n_ubatch,
+        "n_gpu_layers": n_gpu_layers,
+        "parallel_responses": parallel or None,
+    }
+
+
+def load_pair(models: Path | None, pair: str | None, overrides: dict[str, Any], no_pull: bool) -> Any:
+    """Registry -> settings -> loaded pair, with user errors as CdrError."""
+    from ..errors import ConfigError
+    from ..models import load_registry
+    from ..pair import LoadedPair, settings_from
+    from ..ui import say
+
+    reg = load_registry(models)
+    try:
+        settings = settings_from(reg, **overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return LoadedPair(reg, pair, settings, pull=not no_pull, say=say)

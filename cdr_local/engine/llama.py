@@ -1,0 +1,442 @@
+"""llama.cpp scoring engine on the low-level API.  The only module that touches llama_cpp.
+
+Why the low-level API: ``Llama.create_completion(echo=True)`` is 10-30x slower
+and shifts log-probs by one token on models without BOS; ``logits_all=True``
+allocates n_ctx x n_vocab floats.  Here we ask llama.cpp for logits only at the
+positions that predict a scored token, and do the log-softmax in numpy.
+
+Numerics: why a token's log-prob does not depend on batching.  Measured on
+SmolLM2 (Q4_1), Qwen2.5-0.5B and Gemma-3-270M (Q4_K_M): with flash attention
+off, ggml's CPU kernels give *bitwise* the same logits for a token whether it
+is decoded in a batch of 8 rows or of 512; batches under 8 rows (and flash
+attention above 64 rows) take other kernel paths that move log-probs by
+0.2-1.1 nats per token.  So the engine keeps flash attention off, never sends
+llama.cpp a decode of fewer than ``MIN_ROWS`` tokens or asking for fewer than
+``MIN_ROWS`` logits rows (it re-decodes a few cached context tokens instead,
+which rewrites bitwise-identical KV), and decodes at most one ubatch per call.
+The result equals decoding context + response in one batch with all logits --
+which is exactly what the brute-force reference test does (to ~1e-8).
+
+Decode scheme per request:
+
+1. The context is decoded into sequence 0, cells ``[0, P)``, in chunks.  The
+   context's leading segments that are still in the cache from the previous
+   request are kept (same cells, same bits).  Logits are taken at the last
+   context rows: the last one predicts every continuation's first token.
+2. Each continuation is decoded after the context and the cache is rewound
+   (``llama_memory_seq_rm``), so a prompt shared by N responses is decoded
+   once.  Opt-in ``parallel_responses`` instead copies the context to
+   sequences ``1..N-1`` (``llama_memory_seq_cp``, free in a unified KV cache)
+   and decodes the N continuations side by side, several sequences per
+   decode; their cells then depend on the sibling responses, which moves
+   numbers (0.1 nats seen), so it is off by default.
+3. The continuation's last token is never decoded: its log-prob comes from
+   the logits of the token before it.
+
+AMX: a default (``-march=native``) build of llama-cpp-python on CPUs with AMX
+segfaults in ``ggml_backend_amx_mul_mat``; the AMX/repack paths live in the
+"extra buffer types", which we switch off (``use_extra_bufts = False``).
+Measured no slower on these machines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError
+from . import EngineSettings, ScoreRequest
+
+_LOG_LOCK = threading.Lock()
+_LOG_TAIL: deque[str] = deque(maxlen=20)
+_LOG_CB: Any = None
+_BACKEND_READY = False
+
+GGML_LOG_LEVEL_ERROR = 4  # this build: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+GGML_LOG_LEVEL_CONT = 5
+
+# Every llama_decode gets at least this many tokens and asks for at least this
+# many logits rows.  Measured (FA off): ggml's CPU kernels give bitwise the
+# same numbers for any batch of >= 8 rows, but smaller batches take another
+# kernel path that differs by up to 0.2-1.1 nats per token on Q4 models.  So
+# with this floor, a token's log-prob does not depend on how the sequence was
+# chunked: it equals a decode of the whole sequence in one batch.
+MIN_ROWS = 8
+
+# rows of the logits matrix processed at once by the log-softmax: bounds the
+# temporary (rows x n_vocab float32) and keeps it in cache.
+_LSE_ROWS = 16
+
+
+def _llama() -> Any:
+    """Import llama_cpp (lazily: it loads a shared library) and set it up once."""
+    global _BACKEND_READY, _LOG_CB
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - dependency missing
+        raise ModelError(f"llama-cpp-python is not importable: {e}") from None
+    if not _BACKEND_READY:
+        passthrough = os.environ.get("CDR_LLAMA_LOG") == "1"
+        last_level = [0]
+
+        @llama_cpp.llama_log_callback  # type: ignore[misc]
+        def _cb(level: int, text: bytes, _user: Any) -> None:
+            # llama.cpp chatters on stderr even with verbose=False; keep only
+            # errors, and keep them to ourselves: they become part of a one-line
+            # ModelError when a load fails.
+            lvl = last_level[0] if level == GGML_LOG_LEVEL_CONT else level
+            last_level[0] = lvl
+            msg = text.decode("utf-8", "replace") if text else ""
+            if passthrough:
+                sys.stderr.write(msg)
+            elif lvl == GGML_LOG_LEVEL_ERROR and msg.strip():
+                with _LOG_LOCK:
+                    _LOG_TAIL.append(msg.strip())
+
+        _LOG_CB = _cb  # keep a reference: llama.cpp holds only the C pointer
+        llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+    return llama_cpp
+
+
+def library_version() -> str:
+    import llama_cpp
+
+    return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+def system_info() -> str:
+    return _llama().llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def _last_error() -> str:
+    with _LOG_LOCK:
+        msgs = [m for m in _LOG_TAIL if m]
+        _LOG_TAIL.clear()
+    return msgs[-1] if msgs else ""
+
+
+def check_gguf_header(path: Path) -> None:
+    """Fail fast, with one clear line, before llama.cpp sees a bad file."""
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelError(f"model path is not a file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise ModelError(f"not a GGUF file (bad magic): {path}")
+
+
+class LlamaModel:
+    """One GGUF model with one llama.cpp context, scoring token sequences."""
+
+    def __init__(self, path: str | Path, settings: EngineSettings, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.settings = settings
+        check_gguf_header(self.path)
+        ll = _llama()
+        self._ll = ll
+        self._model = None
+        self._ctx = None
+        self._batch = None
+
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = settings.n_gpu_layers
+        mp.use_extra_bufts = False  # AMX segfault on default builds; see module docstring
+        mp.use_mmap = True
+        model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not model:
+            why = _last_error()
+            raise ModelError(
+                f"cannot load model {self.name!r} from {self.path}: {why or 'llama.cpp rejected the file (corrupt or unsupported GGUF)'}"
+            )
+        self._model = model
+        self._vocab = ll.llama_model_get_vocab(model)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train = int(ll.llama_model_n_ctx_train(model))
+
+        self.n_seq_max = max(1, settings.n_seq_max if settings.parallel_responses else 1)
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = settings.n_ctx
+        cp.n_batch = settings.n_batch
+        cp.n_ubatch = min(settings.n_ubatch, settings.n_batch)
+        cp.n_seq_max = self.n_seq_max
+        cp.kv_unified = True  # sequences share the context cells: seq_cp costs nothing
+        cp.n_threads = settings.threads()
+        cp.n_threads_batch = settings.threads()
+        cp.no_perf = True
+        cp.embeddings = False
+        # Flash attention changes numerics with the batch size (a different
+        # kernel above 64 rows); the plain path is batch-size independent.
+        cp.flash_attn_type = 1 if settings.flash_attn else 0
+        ctx = ll.llama_init_from_model(model, cp)
+        if not ctx:
+            why = _last_error()
+            self.close()
+            raise ModelError(f"cannot create a llama.cpp context for {self.name!r} (n_ctx={settings.n_ctx}): {why}")
+        self._ctx = ctx
+        self.n_ctx = int(ll.llama_n_ctx(ctx))
+        self.n_batch = int(ll.llama_n_batch(ctx))
+        # decode at most one ubatch per call, so llama.cpp never splits a batch
+        # into pieces smaller than MIN_ROWS behind our back
+        self.n_chunk = min(self.n_batch, int(ll.llama_n_ubatch(ctx)))
+        self._mem = ll.llama_get_memory(ctx)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+        n = self.n_batch
+        self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(n,))
+        self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(n,))
+        self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n,))
+        self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(n,))
+        self._b_seq = [np.ctypeslib.as_array(self._batch.seq_id[i], shape=(self.n_seq_max,)) for i in range(n)]
+        self._b_nseq[:] = 1
+
+        # KV-cache state of sequence 0 (see _decode_context)
+        self._cached_segments: list[tuple[int, ...]] = []
+        self._cached_last_row: np.ndarray | None = None
+        self._ctx_tokens = np.zeros(0, dtype=np.int32)
+
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
+        self.bos_id = int(ll.llama_vocab_bos(self._vocab))
+        self.eos_id = int(ll.llama_vocab_eos(self._vocab))
+        self.eot_id = int(ll.llama_vocab_eot(self._vocab))
+
+    # ------------------------------------------------------------------ info
+    def chat_template(self) -> str | None:
+        raw = self._ll.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = self._ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(256)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self._vocab, token))
+
+    def end_token(self) -> int:
+        """The token that ends an assistant turn when the template writes none."""
+        for t in (self.eot_id, self.eos_id):
+            if t >= 0:
+                return t
+        raise ModelError(f"model {self.name!r} has neither an EOT nor an EOS token")
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (ctypes.c_int32 * cap)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (ctypes.c_int32 * cap)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise ModelError(f"tokenization failed for model {self.name!r}")
+        return list(buf[:n])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_text(t).encode("utf-8", "surrogateescape") for t in tokens).decode("utf-8", "replace")
+
+    # ---------------------------------------------------------------- decode
+    def _decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray) -> np.ndarray | None:
+        """One llama_decode; returns a view of the logits rows requested (in batch order)."""
+        n = len(tokens)
+        self._b_token[:n] = tokens
+        self._b_pos[:n] = pos
+        self._b_logits[:n] = want
+        for i in range(n):
+            self._b_seq[i][0] = seq[i]
+        self._batch.n_tokens = n
+        rc = self._ll.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            why = _last_error()
+            raise ModelError(f"llama_decode failed for {self.name!r} (code {rc}){': ' + why if why else ''}")
+        n_out = int(want.sum())
+        if n_out == 0:
+            return None
+        ptr = self._ll.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def _decode_context(self, segments: tuple[tuple[int, ...], ...]) -> np.ndarray:
+        """Decode the context into seq 0 at cells [0, P); return the last logits row (a copy)."""
+        ll = self._ll
+        keep = 0
+        while (
+            keep < len(segments)
+            and keep < len(self._cached_segments)
+            and segments[keep] == self._cached_segments[keep]
+        ):
+            keep += 1
+        if keep == len(segments) == len(self._cached_segments) and self._cached_last_row is not None:
+            return self._cached_last_row
+        flat = np.fromiter((t for seg in segments for t in seg), dtype=np.int32)
+        P = len(flat)
+        start = sum(len(s) for s in segments[:keep])
+        # never decode fewer than MIN_ROWS tokens at once (see module docstring):
+        # back up and recompute a few cached tokens -- bitwise the same KV.
+        start = min(start, max(0, P - MIN_ROWS))
+        ll.llama_memory_seq_rm(self._mem, -1, start, -1)
+        self._cached_segments = []
+        self._cached_last_row = None
+        spans = _spans(P - start, self.n_chunk)
+        last_row: np.ndarray | None = None
+        for a, b in spans:
+            n = b - a
+            want = np.zeros(n, dtype=np.int8)
+            if b == P - start:
+                want[-min(MIN_ROWS, n) :] = 1
+            rows = self._decode(flat[start + a : start + b], np.arange(start + a, start + b, dtype=np.int32), np.zeros(n, dtype=np.int32), want)
+            if rows is not None:
+                last_row = np.array(rows[-1], dtype=np.float32)
+        assert last_row is not None
+        self._cached_segments = list(segments)
+        self._cached_last_row = last_row
+        self._ctx_tokens = flat
+        return last_row
+
+    def loglikelihood(self, requests: list[ScoreRequest]) -> list[list[np.ndarray]]:
+        return [self._score_one(r) for r in requests]
+
+    def _score_one(self, req: ScoreRequest) -> list[np.ndarray]:
+        P = req.context_len
+        if P == 0:
+            raise ValueError("empty context: a continuation needs at least one context token (BOS or prompt)")
+        conts = [np.asarray(c, dtype=np.int32) for c in req.continuations]
+        if any(len(c) == 0 for c in conts):
+            raise ValueError("empty continuation")
+        longest = max(len(c) for c in conts)
+        if P + longest > self.n_ctx:
+            raise ValueError(f"context {P} + continuation {longest} tokens exceed n_ctx {self.n_ctx}")
+        first_row = self._decode_context(req.context)
+        first_lse = float(_lse_rows(first_row[None, :])[0])  # shared by every continuation
+        out: list[np.ndarray] = [np.empty(len(c), dtype=np.float64) for c in conts]
+        for j, c in enumerate(conts):
+            out[j][0] = float(first_row[c[0]]) - first_lse
+        todo = [j for j, c in enumerate(conts) if len(c) > 1]
+        if not todo:
+            return out
+        groups: list[list[int]]
+        total = P + sum(len(conts[j]) - 1 for j in todo)
+        if self.settings.parallel_responses and len(todo) > 1 and total <= self.n_ctx:
+            groups = [todo[i : i + self.n_seq_max] for i in range(0, len(todo), self.n_seq_max)]
+        else:
+            groups = [[j] for j in todo]
+        for group in groups:
+            self._decode_continuations(P, [conts[j] for j in group], [out[j] for j in group])
+        return out
+
+    def _decode_continuations(self, P: int, conts: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        """Decode continuations (each as its own sequence) after the cached context; fill ``outs[j][1:]``."""
+        ll = self._ll
+        n_dec = sum(len(c) - 1 for c in conts)
+        # recompute a few context tokens if the batch would be smaller than MIN_ROWS
+        back = min(P, max(0, MIN_ROWS - n_dec))
+        ctx = self._ctx_tokens
+        toks = [ctx[P - back : P]]
+        pos = [np.arange(P - back, P, dtype=np.int32)]
+        seq = [np.zeros(back, dtype=np.int32)]
+        tgt = [np.full(back, -1, dtype=np.int32)]
+        slot = [np.zeros(back, dtype=np.int64)]
+        which = [np.zeros(back, dtype=np.int64)]
+        if back:
+            ll.llama_memory_seq_rm(self._mem, 0, P - back, -1)
+        for s in range(1, len(conts)):
+            ll.llama_memory_seq_cp(self._mem, 0, s, 0, P)
+        for s, c in enumerate(conts):
+            k = len(c) - 1
+            toks.append(c[:-1])
+            pos.append(np.arange(P, P + k, dtype=np.int32))
+            seq.append(np.full(k, s, dtype=np.int32))
+            tgt.append(c[1:])
+            slot.append(np.arange(1, k + 1, dtype=np.int64))
+            which.append(np.full(k, s, dtype=np.int64))
+        T, Pp, S, G = (np.concatenate(x) for x in (toks, pos, seq, tgt))
+        K, W = np.concatenate(slot), np.concatenate(which)
+        want = np.ones(len(T), dtype=np.int8)
+        for a, b in _spans(len(T), self.n_chunk):
+            rows = self._decode(T[a:b], Pp[a:b], S[a:b], want[a:b])
+            assert rows is not None
+            sel = np.nonzero(G[a:b] >= 0)[0]
+            if len(sel) == 0:
+                continue
+            lp = _logprobs_rows(rows[sel], G[a:b][sel])
+            for w, k, v in zip(W[a:b][sel], K[a:b][sel], lp, strict=True):
+                outs[w][k] = v
+        # rewind: drop the continuations, keep the context in seq 0
+        for s in range(1, len(conts)):
+            ll.llama_memory_seq_rm(self._mem, s, -1, -1)
+        ll.llama_memory_seq_rm(self._mem, 0, P, -1)
+
+    # --------------------------------------------------------------- cleanup
+    def close(self) -> None:
+        ll = self._ll
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _spans(n: int, n_batch: int) -> list[tuple[int, int]]:
+    """Split [0, n) into decode chunks of at most n_batch tokens, none shorter
+    than MIN_ROWS (unless n itself is): a short tail takes tokens from the
+    chunk before it.  Which chunking is used does not change any number as
+    long as every chunk has >= MIN_ROWS rows."""
+    bounds = [*range(0, n, n_batch), n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_ROWS:
+        bounds[-2] = n - MIN_ROWS
+    return list(zip(bounds[:-1], bounds[1:], strict=False))
+
+
+def _lse_rows(rows: np.ndarray) -> np.ndarray:
+    """log(sum(exp(row))) per row in float64, stable (max-shifted).
+
+    Processes ``_LSE_ROWS`` rows at a time so the exp temporary stays small
+    (a 152k-vocab row is 0.6 MB) and the sums accumulate in float64.
+    """
+    n = rows.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    for r0 in range(0, n, _LSE_ROWS):
+        blk = rows[r0 : r0 + _LSE_ROWS]
+        m = blk.max(axis=1, keepdims=True)
+        s = np.exp(blk - m).sum(axis=1, dtype=np.float64)
+        out[r0 : r0 + blk.shape[0]] = m[:, 0].astype(np.float64) + np.log(s)
+    return out
+
+
+def _logprobs_rows(rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log softmax(rows)[i, targets[i]] for each row, float64."""
+    picked = rows[np.arange(rows.shape[0]), targets].astype(np.float64)
+    return picked - _lse_rows(rows)

@@ -1,0 +1,158 @@
+"""A loaded pair: strong and weak sides, ready to score, and the metadata that travels with outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .chat import Message
+from .engine import EngineSettings
+from .models import ModelSpec, PairSpec, Registry, resolve
+from .paths import home_dir
+from .reward import ResponseScore
+from .scoring import ChatSide
+
+
+def settings_from(registry: Registry, **overrides: Any) -> EngineSettings:
+    """Engine settings: models.toml's [engine] table, then command-line overrides (None = keep)."""
+    e = registry.engine
+    base = {
+        "n_ctx": e.n_ctx,
+        "n_batch": e.n_batch,
+        "n_ubatch": e.n_ubatch,
+        "n_threads": e.n_threads,
+        "n_gpu_layers": e.n_gpu_layers,
+    }
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return EngineSettings(**base)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a model file, cached by (path, size, mtime) so big files are hashed once."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = home_dir() / "sha256-cache.json"
+    data: dict[str, str] = {}
+    if cache.exists():
+        try:
+            data = orjson.loads(cache.read_bytes())
+        except orjson.JSONDecodeError:
+            data = {}
+    if key in data:
+        return data[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    data[key] = digest
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+        tmp.write_bytes(orjson.dumps(data))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # the cache is an optimisation only
+    return digest
+
+
+class LoadedPair:
+    """Strong and weak :class:`ChatSide` objects; one llama.cpp model is shared
+    when both sides use the same file (one model under two system prompts)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        pair_name: str | None,
+        settings: EngineSettings,
+        *,
+        pull: bool = True,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        from .engine.llama import LlamaModel
+
+        self.spec: PairSpec = registry.pair(pair_name)
+        self.settings = settings
+        self.registry = registry
+        specs = {"strong": registry.model(self.spec.strong.model), "weak": registry.model(self.spec.weak.model)}
+        self.paths: dict[str, Path] = {}
+        loaded: dict[Path, LlamaModel] = {}
+        self.sides: dict[str, ChatSide] = {}
+        self.model_specs: dict[str, ModelSpec] = specs
+        for role in ("strong", "weak"):
+            spec = specs[role]
+            path = resolve(spec, pull=pull, progress=say)
+            self.paths[role] = path
+            key = path.resolve()
+            if key not in loaded:
+                loaded[key] = LlamaModel(path, settings, name=spec.name)
+            side = getattr(self.spec, role)
+            self.sides[role] = ChatSide(loaded[key], system=side.system, fallback_template=spec.chat_template)
+        self._models = list(loaded.values())
+
+    @property
+    def strong(self) -> ChatSide:
+        return self.sides["strong"]
+
+    @property
+    def weak(self) -> ChatSide:
+        return self.sides["weak"]
+
+    def score(self, messages: Sequence[Message], responses: Sequence[str]) -> list[ResponseScore]:
+        s = self.strong.score(messages, responses)
+        w = self.weak.score(messages, responses)
+        return [ResponseScore(strong=a, weak=b) for a, b in zip(s, w, strict=True)]
+
+    def metadata(self) -> dict[str, Any]:
+        from .engine.llama import library_version
+
+        models = {}
+        for role in ("strong", "weak"):
+            spec = self.model_specs[role]
+            side = self.sides[role]
+            path = self.paths[role]
+            models[role] = {
+                "model": spec.name,
+                "path": str(path),
+                "sha256": spec.sha256 or file_sha256(path),
+                "source": spec.source_label,
+                "system": side.system,
+                "chat_template_sha256": hashlib.sha256(side.template.encode()).hexdigest(),
+                "chat_template_from": "gguf" if side.model.chat_template() else "models.toml",
+                "add_bos": side.model.add_bos,
+                "n_vocab": side.model.n_vocab,
+            }
+        return {
+            "tool": "cdr-local",
+            "version": __version__,
+            "llama_cpp_python": library_version(),
+            "pair": self.spec.name,
+            "registry": str(self.registry.path),
+            "models": models,
+            "engine": self.settings.to_json(),
+            "reward": "sum log p_strong(y|x) - sum log p_weak(y|x) over response + end-of-turn tokens",
+        }
+
+    def numerics(self) -> dict[str, Any]:
+        """The settings that change scores: a resumed run must match them."""
+        from .engine.llama import library_version
+
+        meta = self.metadata()
+        return {
+            "llama_cpp_python": library_version(),
+            "cdr_local": __version__,
+            **{f"{r}.sha256": meta["models"][r]["sha256"] for r in ("strong", "weak")},
+            **{f"{r}.system": meta["models"][r]["system"] for r in ("strong", "weak")},
+            **{f"{r}.chat_template_sha256": meta["models"][r]["chat_template_sha256"] for r in ("strong", "weak")},
+            **{f"engine.{k}": v for k, v in self.settings.to_json().items()},
+        }
+
+    def close(self) -> None:
+        for m in self._models:
+            m.close()

@@ -1,0 +1,413 @@
+"""Reader -> work -> writer, shared by every long-running command.
+
+What it guarantees (tested in tests/test_pipeline.py and tests/test_resume.py):
+
+* Streaming: input is read line by line; memory does not grow with its size
+  (ids are kept as 8-byte hashes; summaries use a fixed-size reservoir).
+* Every finished record is appended to the output as one JSON line and
+  flushed before the next one starts, so a kill loses at most the record in
+  flight.
+* ``resume``: ids already in the output are skipped; a torn last line (a kill
+  mid-write) is cut off first, then recomputed; rejects already recorded are
+  not recorded twice.  The settings that change numbers must match the
+  previous run's sidecar, unless forced.
+* One writer per output: an exclusive ``flock`` on the output; a second
+  process gets a clear error.
+* Bad lines and records that fail in the task go to ``OUT.rejects.jsonl``
+  with line number and reason; the run goes on.
+* Ctrl-C stops after the record in flight; everything written stays valid.
+
+The pipeline never imports rich: it reports through an :class:`Events` object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import orjson
+
+from .errors import CdrError
+from .records import Record, Reject
+
+RESERVOIR = 20_000
+
+
+class RecordError(Exception):
+    """A task could not process one record (the record is rejected, the run goes on)."""
+
+
+class Task(Protocol):
+    def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
+        """Return (output object, stats).  stats feed the progress display:
+        ``tokens`` (tokens decoded), ``margin`` (optional), ``first_wins`` (optional 0/1)."""
+        ...
+
+
+class Events(Protocol):
+    def start(self, total: int | None, resumed: int) -> None: ...
+    def record(self, stats: dict[str, float]) -> None: ...
+    def reject(self, reject: Reject) -> None: ...
+    def finish(self, summary: RunSummary) -> None: ...
+
+
+class NullEvents:
+    def start(self, total: int | None, resumed: int) -> None:
+        pass
+
+    def record(self, stats: dict[str, float]) -> None:
+        pass
+
+    def reject(self, reject: Reject) -> None:
+        pass
+
+    def finish(self, summary: RunSummary) -> None:
+        pass
+
+
+@dataclass
+class RunConfig:
+    input: str  # path or "-"
+    output: str  # path or "-"
+    resume: bool = False
+    overwrite: bool = False
+    force: bool = False  # resume even if numerics settings differ
+    rejects: str | None = None  # default: OUT.rejects.jsonl ("-" output: stderr)
+    meta: dict[str, Any] = field(default_factory=dict)  # written to OUT.meta.json
+    numerics: dict[str, Any] = field(default_factory=dict)  # must match on resume
+    limit: int | None = None  # stop after this many new records
+
+
+@dataclass
+class RunSummary:
+    done: int = 0  # records processed in this run
+    resumed: int = 0  # records already in the output
+    rejected: int = 0  # rejects recorded in this run
+    truncated: int = 0
+    ties: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    margin_sum: float = 0.0
+    margin_n: int = 0
+    first_wins: int = 0
+    first_n: int = 0
+    margins: list[float] = field(default_factory=list)  # reservoir sample
+    input_sha256: str | None = None
+    output: str = ""
+    rejects_path: str | None = None
+
+    def add_margin(self, m: float, rng: random.Random) -> None:
+        self.margin_sum += m
+        self.margin_n += 1
+        if len(self.margins) < RESERVOIR:
+            self.margins.append(m)
+        else:
+            j = rng.randrange(self.margin_n)
+            if j < RESERVOIR:
+                self.margins[j] = m
+
+
+def meta_path(output: str) -> Path:
+    return Path(output + ".meta.json")
+
+
+def rejects_path(output: str) -> Path:
+    p = Path(output)
+    return p.with_name(p.name[: -len(".jsonl")] + ".rejects.jsonl") if p.name.endswith(".jsonl") else Path(output + ".rejects.jsonl")
+
+
+def _id_key(rid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a partial last line (no trailing newline) left by a kill; return bytes cut."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        # walk back to the previous newline
+        pos = size
+        block = 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                cut_at = start + nl + 1
+                break
+            pos = start
+        else:
+            cut_at = 0
+        f.truncate(cut_at)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - cut_at
+
+
+def _scan_ids(path: Path, key: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                raise CdrError(f"{path}: cannot resume, a line is not valid JSON (was the file edited?)") from None
+            if isinstance(obj, dict) and key in obj:
+                yield str(obj[key])
+
+
+def _read_lines(source: str, hasher: Any) -> Iterator[tuple[int, bytes]]:
+    f: IO[bytes]
+    if source == "-":
+        f = sys.stdin.buffer
+        close = False
+    else:
+        try:
+            f = open(source, "rb")
+        except OSError as e:
+            raise CdrError(f"cannot read input {source}: {e.strerror}") from None
+        close = True
+    try:
+        for i, line in enumerate(f, 1):
+            hasher.update(line)
+            yield i, line
+    finally:
+        if close:
+            f.close()
+
+
+def count_lines(source: str) -> int | None:
+    if source == "-":
+        return None
+    n = 0
+    last = b"\n"
+    with open(source, "rb") as f:
+        while True:
+            buf = f.read(1 << 20)
+            if not buf:
+                break
+            n += buf.count(b"\n")
+            last = buf[-1:]
+    return n + (0 if last == b"\n" else 1)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+class Output:
+    """The output file (or stdout), its rejects file and its metadata sidecar."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.to_stdout = cfg.output == "-"
+        self.done_ids: set[int] = set()
+        self.rejected_lines: set[int] = set()
+        self._out: IO[bytes] | None = None
+        self._rej: IO[bytes] | None = None
+        self.rejects_path: Path | None = None
+        if cfg.rejects == "-" or (cfg.rejects is None and self.to_stdout):
+            self.rejects_path = None
+        else:
+            self.rejects_path = Path(cfg.rejects) if cfg.rejects else rejects_path(cfg.output)
+
+    def open(self) -> int:
+        """Open for appending, take the lock, load the resume state; return records already done."""
+        cfg = self.cfg
+        if self.to_stdout:
+            if cfg.resume:
+                raise CdrError("--resume needs an output file, not stdout")
+            self._out = sys.stdout.buffer
+        else:
+            out = Path(cfg.output)
+            if out.parent and not out.parent.exists():
+                raise CdrError(f"output folder does not exist: {out.parent}")
+            exists = out.exists() and out.stat().st_size > 0
+            if exists and not cfg.resume and not cfg.overwrite:
+                raise CdrError(f"{out} exists: use --resume to continue it or --overwrite to start again")
+            try:
+                f = open(out, "ab")
+            except OSError as e:
+                raise CdrError(f"cannot write {out}: {e.strerror}") from None
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                raise CdrError(f"{out} is being written by another cdr process (locked)") from None
+            self._out = f
+            if exists and cfg.overwrite and not cfg.resume:
+                f.truncate(0)
+                if self.rejects_path and self.rejects_path.exists():
+                    self.rejects_path.unlink()
+            elif exists:
+                self._check_meta()
+                repair_torn_tail(out)
+                for rid in _scan_ids(out, "id"):
+                    self.done_ids.add(_id_key(rid))
+            if self.rejects_path is not None:
+                if cfg.resume and self.rejects_path.exists():
+                    repair_torn_tail(self.rejects_path)
+                    for ln in _scan_ids(self.rejects_path, "line"):
+                        self.rejected_lines.add(int(ln))
+            _atomic_write_json(meta_path(cfg.output), {**cfg.meta, "numerics": cfg.numerics, "status": "running"})
+        return len(self.done_ids)
+
+    def _check_meta(self) -> None:
+        mp = meta_path(self.cfg.output)
+        if not mp.exists():
+            return
+        try:
+            old = orjson.loads(mp.read_bytes())
+        except orjson.JSONDecodeError:
+            return
+        prev = old.get("numerics") or {}
+        diffs = _diff(prev, self.cfg.numerics)
+        if diffs and not self.cfg.force:
+            raise CdrError(
+                f"cannot resume {self.cfg.output}: settings that change scores differ from the first run ({'; '.join(diffs)}); use --force to resume anyway"
+            )
+
+    def write(self, obj: dict[str, Any]) -> None:
+        assert self._out is not None
+        self._out.write(orjson.dumps(obj) + b"\n")
+        self._out.flush()
+
+    def reject(self, rej: Reject) -> bool:
+        """Record a reject once; return False if it was already recorded."""
+        if rej.line in self.rejected_lines:
+            return False
+        self.rejected_lines.add(rej.line)
+        line = orjson.dumps(rej.to_json()) + b"\n"
+        if self._rej is None and self.rejects_path is not None:
+            try:
+                self._rej = open(self.rejects_path, "ab")  # opened on the first reject only
+            except OSError as e:
+                raise CdrError(f"cannot write {self.rejects_path}: {e.strerror}") from None
+        if self._rej is not None:
+            self._rej.write(line)
+            self._rej.flush()
+        else:
+            sys.stderr.write(f"rejected line {rej.line}: {rej.reason}\n")
+        return True
+
+    def close(self, summary: RunSummary) -> None:
+        for f in (self._out, self._rej):
+            if f is not None and f is not sys.stdout.buffer:
+                with contextlib.suppress(OSError):
+                    os.fsync(f.fileno())
+                f.close()
+        if self.to_stdout and self._out is not None:
+            self._out.flush()
+        if not self.to_stdout:
+            _atomic_write_json(
+                meta_path(self.cfg.output),
+                {
+                    **self.cfg.meta,
+                    "numerics": self.cfg.numerics,
+                    "status": "interrupted" if summary.interrupted else "complete",
+                    "input_sha256": summary.input_sha256,
+                    "counts": {
+                        "written_this_run": summary.done,
+                        "already_done": summary.resumed,
+                        "rejected_this_run": summary.rejected,
+                        "truncated_this_run": summary.truncated,
+                    },
+                },
+            )
+
+
+def run(
+    cfg: RunConfig,
+    parse: Callable[[bytes, int], Record | Reject | None],
+    task: Task,
+    events: Events | None = None,
+) -> RunSummary:
+    """Stream ``cfg.input`` through ``task`` into ``cfg.output``."""
+    events = events or NullEvents()
+    out = Output(cfg)
+    summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None)
+    summary.resumed = out.open()
+    rng = random.Random(0)
+    total = count_lines(cfg.input) if cfg.input != "-" else None
+    events.start(total, summary.resumed)
+    seen: set[int] = set()
+    hasher = hashlib.sha256()
+    t0 = time.perf_counter()
+    try:
+        for lineno, raw in _read_lines(cfg.input, hasher):
+            item = parse(raw, lineno)
+            if item is None:
+                continue
+            if isinstance(item, Reject):
+                if out.reject(item):
+                    summary.rejected += 1
+                events.reject(item)
+                continue
+            key = _id_key(item.id)
+            if key in seen:
+                rej = Reject(lineno, f"duplicate id {item.id!r}", id=item.id)
+                if out.reject(rej):
+                    summary.rejected += 1
+                events.reject(rej)
+                continue
+            seen.add(key)
+            if key in out.done_ids:
+                continue
+            if cfg.limit is not None and summary.done >= cfg.limit:
+                continue
+            try:
+                obj, stats = task.process(item)
+            except RecordError as e:
+                rej = Reject(lineno, str(e), id=item.id)
+                if out.reject(rej):
+                    summary.rejected += 1
+                events.reject(rej)
+                continue
+            try:
+                out.write(obj)
+            except OSError as e:
+                raise CdrError(f"cannot write {cfg.output}: {e.strerror}; everything before line {lineno} is saved, rerun with --resume") from None
+            summary.done += 1
+            summary.tokens += int(stats.get("tokens", 0))
+            summary.truncated += int(stats.get("truncated", 0))
+            summary.ties += int(stats.get("tie", 0))
+            if "margin" in stats:
+                summary.add_margin(float(stats["margin"]), rng)
+            if "first_wins" in stats:
+                summary.first_wins += int(stats["first_wins"])
+                summary.first_n += 1
+            events.record(stats)
+        summary.input_sha256 = hasher.hexdigest()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        summary.seconds = time.perf_counter() - t0
+        out.close(summary)
+    events.finish(summary)
+    return summary

@@ -1,0 +1,119 @@
+"""From conversations to token requests, and from log-probs to per-response scores.
+
+Each side of a pair formats the conversation with its own chat template and
+tokenizer (strong and weak need not share a vocabulary), prepends its own
+system prompt if the pair gives one, and scores the response tokens plus the
+end-of-turn token the template closes the answer with.
+
+Token boundaries (the lm-eval concern): the context, the response and the
+template's suffix are tokenized separately, so the response's tokens are
+exactly the tokens of the response text (special-token text inside a
+response is *not* parsed as a control token), and the context is identical
+for every response of a record, which lets the engine decode it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .chat import Message, resolve_template, split_template
+from .engine import ScoreRequest
+
+if TYPE_CHECKING:
+    from .engine.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class SideScore:
+    """One model's log-likelihood of one response."""
+
+    logprob: float  # sum over scored tokens (response + end-of-turn)
+    n_tokens: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+    truncated: tuple[bool, ...]
+
+
+def with_system(messages: Sequence[Message], system: str | None) -> list[Message]:
+    """Prepend a side's system prompt; merge with a system message the record already has."""
+    msgs = list(messages)
+    if not system:
+        return msgs
+    if msgs and msgs[0].role == "system":
+        return [Message("system", system + "\n\n" + msgs[0].content), *msgs[1:]]
+    return [Message("system", system), *msgs]
+
+
+class ChatSide:
+    """A loaded model as one side of a pair: template, system prompt, truncation."""
+
+    def __init__(self, model: LlamaModel, *, system: str | None, fallback_template: str | None) -> None:
+        self.model = model
+        self.system = system
+        self.template = resolve_template(model.chat_template(), fallback_template, model.name)
+        self.bos_text = model.token_text(model.bos_id) if model.bos_id >= 0 else ""
+        self.eos_text = model.token_text(model.eos_id) if model.eos_id >= 0 else ""
+
+    def tokenize(self, messages: Sequence[Message], responses: Sequence[str]) -> Tokenized:
+        m = self.model
+        split = split_template(
+            self.template, with_system(messages, self.system), bos_token=self.bos_text, eos_token=self.eos_text
+        )
+        prefix = split.prefix
+        if m.add_bos and self.bos_text and prefix.startswith(self.bos_text):
+            prefix = prefix[len(self.bos_text) :]  # llama.cpp adds BOS itself
+        ctx = m.tokenize(prefix, add_special=True, parse_special=True)
+        if not ctx:
+            ctx = [m.end_token()] if m.bos_id < 0 else [m.bos_id]
+        suffix = m.tokenize(split.suffix, add_special=False, parse_special=True)
+        tail: list[int] = []
+        for t in suffix:
+            tail.append(t)
+            if m.is_eog(t):
+                break
+        else:
+            tail = [m.end_token()]
+        conts = [m.tokenize(r, add_special=False, parse_special=False) + tail for r in responses]
+        return _truncate(ctx, conts, m.n_ctx, keep_first=1 if m.add_bos else 0)
+
+    def score(self, messages: Sequence[Message], responses: Sequence[str]) -> list[SideScore]:
+        tok = self.tokenize(messages, responses)
+        req = ScoreRequest(context=(tok.context,), continuations=tok.continuations)
+        lps = self.model.loglikelihood([req])[0]
+        return [
+            SideScore(logprob=float(lp.sum()), n_tokens=len(lp), truncated=tr)
+            for lp, tr in zip(lps, tok.truncated, strict=True)
+        ]
+
+
+def _truncate(ctx: list[int], conts: list[list[int]], n_ctx: int, keep_first: int) -> Tokenized:
+    """Fit context + each continuation into n_ctx.
+
+    As in the CDR authors' code: keep the *end* of the prompt and the *start*
+    of the response.  The prompt keeps at least half the window (or all of
+    itself, if shorter) so a long response cannot squeeze the question out;
+    the kept prompt is the same for every response, so it stays shareable.
+    A leading BOS is always kept.  Truncated responses are flagged, never
+    silent.
+    """
+    longest = max(len(c) for c in conts)
+    if len(ctx) + longest <= n_ctx:
+        return Tokenized(tuple(ctx), tuple(tuple(c) for c in conts), tuple(False for _ in conts))
+    keep_prompt = max(n_ctx - longest, min(len(ctx), n_ctx // 2))
+    keep_prompt = max(keep_prompt, keep_first + 1)
+    new_ctx = ctx if len(ctx) <= keep_prompt else ctx[:keep_first] + ctx[len(ctx) - (keep_prompt - keep_first) :]
+    room = n_ctx - len(new_ctx)
+    ctx_cut = len(new_ctx) < len(ctx)
+    out_conts, flags = [], []
+    for c in conts:
+        cut = len(c) > room
+        out_conts.append(tuple(c[:room]))
+        flags.append(cut or ctx_cut)
+    return Tokenized(tuple(new_ctx), tuple(out_conts), tuple(flags))

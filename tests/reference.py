@@ -1,0 +1,57 @@
+"""Brute-force reference log-probs, independent of the engine's code.
+
+A fresh llama.cpp context; the whole sequence (context + continuation) in ONE
+llama_decode with logits at every position; a float64 log-softmax over the
+full vocabulary.  No prompt sharing, no KV reuse, no selective logits, no
+chunking.  (Flash attention off, as in the engine: see engine/llama.py for
+why the two then agree bitwise whenever every engine decode has >= 8 rows.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+
+def brute_logprobs(path: str, context: list[int], continuation: list[int], n_threads: int = 2) -> np.ndarray:
+    import llama_cpp as ll
+
+    seq = list(context) + list(continuation)
+    n = len(seq)
+    mp = ll.llama_model_default_params()
+    mp.use_extra_bufts = False
+    model = ll.llama_model_load_from_file(path.encode(), mp)
+    assert model, path
+    cp = ll.llama_context_default_params()
+    size = max(64, n + 8)
+    cp.n_ctx = size
+    cp.n_batch = size
+    cp.n_ubatch = size
+    cp.n_seq_max = 1
+    cp.n_threads = n_threads
+    cp.n_threads_batch = n_threads
+    cp.flash_attn_type = 0
+    ctx = ll.llama_init_from_model(model, cp)
+    assert ctx
+    batch = ll.llama_batch_init(n, 0, 1)
+    try:
+        for i, t in enumerate(seq):
+            batch.token[i] = t
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = n
+        assert ll.llama_decode(ctx, batch) == 0
+        vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+        ptr = ll.llama_get_logits(ctx)
+        logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n, vocab)).astype(np.float64)
+        mx = logits.max(axis=1, keepdims=True)
+        logsm = logits - mx - np.log(np.exp(logits - mx).sum(axis=1, keepdims=True))
+        P = len(context)
+        return np.array([logsm[P - 1 + i, continuation[i]] for i in range(len(continuation))])
+    finally:
+        ll.llama_batch_free(batch)
+        ll.llama_free(ctx)
+        ll.llama_model_free(model)
