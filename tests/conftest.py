@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,3 +36,82 @@ def tiny_nobos_model(tiny_gguf_dir: Path) -> Path:
     from tinygguf import build_tiny_llama
 
     return build_tiny_llama(tiny_gguf_dir / "tiny-nobos.gguf", seed=1, add_bos=False)
+
+
+# ---------------------------------------------------------------------------
+# Hermetic user state and a tiny registry.
+# ---------------------------------------------------------------------------
+
+# The real-model cache is looked up *before* tests relocate CDR_HOME: the
+# README's first command fills it (CI runs that command first).
+_REAL_HOME = os.environ.get("CDR_HOME")
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own CDR_HOME so nothing touches the user's cache."""
+    home = tmp_path / "cdr-home"
+    monkeypatch.setenv("CDR_HOME", str(home))
+    monkeypatch.delenv("CDR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("CDR_MODELS", raising=False)
+    return home
+
+
+TINY_REGISTRY = """
+default_pair = "tiny"
+
+[engine]
+n_ctx = 512
+n_batch = 64
+n_ubatch = 64
+n_threads = 2
+
+[models.tiny-bos]
+path = "{bos}"
+
+[models.tiny-nobos]
+path = "{nobos}"
+
+[pairs.tiny]
+description = "two tiny random models, different tokenizer settings"
+strong = {{ model = "tiny-bos", system = "Be helpful." }}
+weak = {{ model = "tiny-nobos" }}
+
+[pairs.tiny-self]
+strong = {{ model = "tiny-bos", system = "Be helpful." }}
+weak = "tiny-bos"
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny_gguf_dir: Path, tiny_bos_model: Path, tiny_nobos_model: Path) -> Path:
+    """A models.toml naming the tiny models, with pairs 'tiny' (default) and 'tiny-self'."""
+    p = tiny_gguf_dir / "models.toml"
+    p.write_text(TINY_REGISTRY.format(bos=tiny_bos_model, nobos=tiny_nobos_model))
+    return p
+
+
+def real_model_path(name: str) -> Path:
+    """Path of a real registry model pulled by the README's first command; skip if absent.
+
+    With CDR_REQUIRE_REAL=1 (set by .ci/run) a missing model fails instead of skipping.
+    """
+    from cdr_local.models import is_present, load_registry, model_path
+
+    saved = os.environ.get("CDR_HOME")
+    try:
+        if _REAL_HOME is None:
+            os.environ.pop("CDR_HOME", None)
+        else:
+            os.environ["CDR_HOME"] = _REAL_HOME
+        spec = load_registry().model(name)
+        if is_present(spec):
+            return model_path(spec)
+    finally:
+        if saved is None:
+            os.environ.pop("CDR_HOME", None)
+        else:
+            os.environ["CDR_HOME"] = saved
+    if os.environ.get("CDR_REQUIRE_REAL") == "1":
+        pytest.fail(f"real model {name!r} is not in the cache: run the README's first command (cdr models pull)")
+    pytest.skip(f"real model {name!r} not pulled (cdr models pull {name})")

@@ -1,0 +1,5 @@
+"""``python -m cdr_local`` = ``cdr``."""
+
+from .cli import main
+
+main()
