@@ -16,6 +16,7 @@ there: ``prefix`` is everything the model reads before the answer (the
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -110,10 +111,57 @@ def resolve_template(gguf_template: str | None, fallback: str | None, model_name
     )
 
 
+# Bounds on what one render of an (untrusted) template may cost.  Jinja's
+# sandbox blocks unsafe attributes and caps a single range() at 100000 items,
+# but nested loops, ``10**(10**10)`` or ``'x' * 10**10`` would still hang or
+# exhaust memory.  (Memory can still be grown by repeated concatenation.)
+MAX_TEMPLATE_STEPS = 1_000_000  # template source lines executed per render (~1 s)
+MAX_TEMPLATE_VALUE = 10_000_000  # items/characters from one `*`; (bits / 4) from one `**`
+
+
+class _StepBudget:
+    """A trace function that counts the lines template code executes."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        # Only frames of compiled template code are traced line by line.
+        return self._local if frame.f_code.co_filename == "<template>" else None
+
+    def _local(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            self.left -= 1
+            if self.left < 0:
+                raise TemplateError(
+                    f"chat template ran too long (over {MAX_TEMPLATE_STEPS} steps)"
+                )
+        return self._local
+
+
+def _checked_binop(operator: str, left: Any, right: Any) -> Any:
+    if operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            if right * abs(left).bit_length() > 4 * MAX_TEMPLATE_VALUE:
+                raise TemplateError("chat template computes a power too large")
+        return left**right
+    # operator == "*"
+    for seq, n in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_VALUE:
+            raise TemplateError("chat template builds a sequence too large")
+    return left * right
+
+
 @lru_cache(maxsize=32)
 def _compile(template: str) -> Any:
     from jinja2 import TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            return _checked_binop(operator, left, right)
 
     def raise_exception(message: str) -> None:
         raise TemplateError(f"chat template raised: {message}")
@@ -124,7 +172,7 @@ def _compile(template: str) -> Any:
 
         return datetime.datetime(2024, 1, 1).strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
+    env = _Sandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.globals["raise_exception"] = raise_exception
@@ -145,9 +193,10 @@ def render(
 ) -> str:
     """Render ``messages`` with a (sandboxed) chat template."""
     from jinja2.exceptions import SecurityError
-    from jinja2.exceptions import TemplateError as JinjaError
 
     tpl = _compile(template)
+    previous_trace = sys.gettrace()
+    sys.settrace(_StepBudget(MAX_TEMPLATE_STEPS))
     try:
         return str(
             tpl.render(
@@ -161,8 +210,10 @@ def render(
         raise
     except SecurityError as e:
         raise TemplateError(f"chat template tried an unsafe operation: {e}") from None
-    except (JinjaError, RecursionError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+    except Exception as e:  # Jinja errors, and OverflowError, ZeroDivisionError, MemoryError, ...
         raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        sys.settrace(previous_trace)
 
 
 @dataclass(frozen=True)

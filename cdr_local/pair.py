@@ -22,7 +22,7 @@ from .scoring import ChatSide
 def settings_from(registry: Registry, **overrides: Any) -> EngineSettings:
     """Engine settings: models.toml's [engine] table, then command-line overrides (None = keep)."""
     e = registry.engine
-    base = {
+    base: dict[str, Any] = {
         "n_ctx": e.n_ctx,
         "n_batch": e.n_batch,
         "n_ubatch": e.n_ubatch,
@@ -127,6 +127,7 @@ class LoadedPair:
                 "chat_template_from": "gguf" if side.model.chat_template() else "models.toml",
                 "add_bos": side.model.add_bos,
                 "n_vocab": side.model.n_vocab,
+                "n_ctx_effective": side.model.n_ctx,  # llama.cpp may round n_ctx up
             }
         return {
             "tool": "cdr-local",

@@ -261,21 +261,29 @@ class Output:
                 f.close()
                 raise CdrError(f"{out} is being written by another cdr process (locked)") from None
             self._out = f
-            if exists and cfg.overwrite and not cfg.resume:
-                f.truncate(0)
-                if self.rejects_path and self.rejects_path.exists():
-                    self.rejects_path.unlink()
-            elif exists:
-                self._check_meta()
-                repair_torn_tail(out)
-                for rid in _scan_ids(out, "id"):
-                    self.done_ids.add(_id_key(rid))
-            if self.rejects_path is not None:
-                if cfg.resume and self.rejects_path.exists():
-                    repair_torn_tail(self.rejects_path)
-                    for ln in _scan_ids(self.rejects_path, "line"):
-                        self.rejected_lines.add(int(ln))
-            _atomic_write_json(meta_path(cfg.output), {**cfg.meta, "numerics": cfg.numerics, "status": "running"})
+            try:
+                if not cfg.resume:
+                    # a fresh start (or --overwrite): a rejects file left by an
+                    # earlier run of this output would otherwise be appended to
+                    if exists:
+                        f.truncate(0)
+                    if self.rejects_path and self.rejects_path.exists():
+                        self.rejects_path.unlink()
+                elif exists:
+                    self._check_meta()
+                    repair_torn_tail(out)
+                    for rid in _scan_ids(out, "id"):
+                        self.done_ids.add(_id_key(rid))
+                if self.rejects_path is not None:
+                    if cfg.resume and self.rejects_path.exists():
+                        repair_torn_tail(self.rejects_path)
+                        for ln in _scan_ids(self.rejects_path, "line"):
+                            self.rejected_lines.add(int(ln))
+                _atomic_write_json(meta_path(cfg.output), {**cfg.meta, "numerics": cfg.numerics, "status": "running"})
+            except BaseException:  # e.g. settings differ: release the lock, do not leak the file
+                self._out = None
+                f.close()
+                raise
         return len(self.done_ids)
 
     def _check_meta(self) -> None:
@@ -316,7 +324,7 @@ class Output:
             sys.stderr.write(f"rejected line {rej.line}: {rej.reason}\n")
         return True
 
-    def close(self, summary: RunSummary) -> None:
+    def close(self, summary: RunSummary, failed: bool = False) -> None:
         for f in (self._out, self._rej):
             if f is not None and f is not sys.stdout.buffer:
                 with contextlib.suppress(OSError):
@@ -330,7 +338,7 @@ class Output:
                 {
                     **self.cfg.meta,
                     "numerics": self.cfg.numerics,
-                    "status": "interrupted" if summary.interrupted else "complete",
+                    "status": "failed" if failed else "interrupted" if summary.interrupted else "complete",
                     "input_sha256": summary.input_sha256,
                     "counts": {
                         "written_this_run": summary.done,
@@ -352,13 +360,17 @@ def run(
     events = events or NullEvents()
     out = Output(cfg)
     summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None)
+    try:  # before the output is created: an unreadable input is a user error
+        total = count_lines(cfg.input) if cfg.input != "-" else None
+    except OSError as e:
+        raise CdrError(f"cannot read input {cfg.input}: {e.strerror}") from None
     summary.resumed = out.open()
     rng = random.Random(0)
-    total = count_lines(cfg.input) if cfg.input != "-" else None
     events.start(total, summary.resumed)
     seen: set[int] = set()
     hasher = hashlib.sha256()
     t0 = time.perf_counter()
+    failed = False
     try:
         for lineno, raw in _read_lines(cfg.input, hasher):
             item = parse(raw, lineno)
@@ -406,8 +418,11 @@ def run(
         summary.input_sha256 = hasher.hexdigest()
     except KeyboardInterrupt:
         summary.interrupted = True
+    except BaseException:
+        failed = True  # the sidecar must not claim "complete"
+        raise
     finally:
         summary.seconds = time.perf_counter() - t0
-        out.close(summary)
+        out.close(summary, failed)
     events.finish(summary)
     return summary

@@ -126,6 +126,8 @@ def _prompt_messages(prompt: Any) -> tuple[list[Message], bool]:
         if not prompt.strip():
             raise InvalidRecord("empty prompt")
         hh = split_hh_transcript(prompt)
+        if hh is not None and not any(m.content.strip() for m in hh):
+            raise InvalidRecord("empty prompt")
         return (hh if hh is not None else [Message("user", prompt)]), False
     if isinstance(prompt, list):
         msgs = _messages(prompt, "prompt")
@@ -195,6 +197,9 @@ def parse_object(obj: Any, line: int) -> Record:
     elif "chosen" in obj or "rejected" in obj:
         fmt = "chosen_rejected"
         if "prompt" not in obj:
+            if not (isinstance(obj.get("chosen"), list) and isinstance(obj.get("rejected"), list)):
+                # Only TRL's implicit-prompt form (two message lists) may omit it.
+                raise InvalidRecord("missing field 'prompt'")
             msgs, a, b = _implicit_prompt(_require(obj, "chosen"), _require(obj, "rejected"))
             responses, conversational = (a, b), True
         else:
@@ -203,7 +208,7 @@ def parse_object(obj: Any, line: int) -> Record:
                 _response_text(_require(obj, "chosen"), "chosen"),
                 _response_text(_require(obj, "rejected"), "rejected"),
             )
-            conversational = conversational or isinstance(obj["chosen"], list)
+            conversational = conversational or any(isinstance(obj[k], list) for k in ("chosen", "rejected"))
     elif "response_a" in obj or "response_b" in obj:
         fmt = "ab"
         msgs, conversational = _prompt_messages(_require(obj, "prompt"))
@@ -211,6 +216,7 @@ def parse_object(obj: Any, line: int) -> Record:
             _response_text(_require(obj, "response_a"), "response_a"),
             _response_text(_require(obj, "response_b"), "response_b"),
         )
+        conversational = conversational or any(isinstance(obj[k], list) for k in ("response_a", "response_b"))
     else:
         if "prompt" not in obj:
             raise InvalidRecord("missing field 'prompt'")
@@ -254,4 +260,5 @@ def parse_line(raw: bytes, line: int) -> Record | Reject | None:
         return parse_object(obj, line)
     except InvalidRecord as e:
         rid = obj.get("id") if isinstance(obj, dict) else None
-        return Reject(line, str(e), id=str(rid) if isinstance(rid, (str, int)) else None, text=snippet)
+        ok_id = isinstance(rid, (str, int)) and not isinstance(rid, bool)
+        return Reject(line, str(e), id=str(rid) if ok_id else None, text=snippet)

@@ -37,7 +37,11 @@ _register()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # in non-standalone mode click *returns* the code of a typer.Exit
+        # (and of Ctrl-C, as 130) instead of exiting with it
+        rv = app(standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            sys.exit(rv)
     except CdrError as e:
         sys.stderr.write(f"cdr: error: {e.message}\n")
         sys.exit(e.exit_code)

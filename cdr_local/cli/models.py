@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .options import ModelsOpt
+
+if TYPE_CHECKING:
+    from ..models import ModelSpec, PairSide, Registry
 
 app = typer.Typer(help="List, check and fetch the models of the registry (models.toml).", no_args_is_help=True)
 
@@ -15,7 +18,7 @@ PairNamesOpt = Annotated[str | None, typer.Option("--pair", "-p", help="The mode
 AllOpt = Annotated[bool, typer.Option("--all", help="Every model in the registry.")]
 
 
-def _select(reg, names: list[str] | None, pair: str | None, all_: bool) -> list:  # type: ignore[no-untyped-def]
+def _select(reg: Registry, names: list[str] | None, pair: str | None, all_: bool) -> list[ModelSpec]:
     if all_:
         return list(reg.models.values())
     if names:
@@ -45,13 +48,15 @@ def list_(models: ModelsOpt = None) -> None:
     for c in ("name", "strong", "weak", "description"):
         p.add_column(c)
     for pr in reg.pairs.values():
-        def side(s):  # type: ignore[no-untyped-def]
-            return s.model + (" + system prompt" if s.system else "")
         name = pr.name + (" (default)" if pr.name == reg.default_pair else "")
-        p.add_row(name, side(pr.strong), side(pr.weak), pr.description)
-    c = Console()
-    c.print(t)
-    c.print(p)
+        p.add_row(name, _side(pr.strong), _side(pr.weak), pr.description)
+    console = Console()
+    console.print(t)
+    console.print(p)
+
+
+def _side(s: PairSide) -> str:
+    return s.model + (" + system prompt" if s.system else "")
 
 
 @app.command("check")

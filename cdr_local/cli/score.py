@@ -64,7 +64,7 @@ def score(
     t = Table(title=f"pair {lp.spec.name}: reward = log p_strong - log p_weak")
     for col in ("#", "reward", "reward_mean", "strong logp", "tok", "weak logp", "tok", "truncated", "response"):
         t.add_column(col, justify="right" if col not in ("response",) else "left")
-    for i, s in enumerate(out["scores"]):  # type: ignore[arg-type]
+    for i, s in enumerate(out["scores"]):
         text = response[i]
         t.add_row(
             str(i), f"{s['reward']:.3f}", f"{s['reward_mean']:.4f}", f"{s['strong_logprob']:.3f}", str(s["strong_tokens"]),

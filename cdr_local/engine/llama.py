@@ -86,7 +86,7 @@ def _llama() -> Any:
         passthrough = os.environ.get("CDR_LLAMA_LOG") == "1"
         last_level = [0]
 
-        @llama_cpp.llama_log_callback  # type: ignore[misc]
+        @llama_cpp.llama_log_callback
         def _cb(level: int, text: bytes, _user: Any) -> None:
             # llama.cpp chatters on stderr even with verbose=False; keep only
             # errors, and keep them to ourselves: they become part of a one-line
@@ -199,6 +199,9 @@ class LlamaModel:
         self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(n,))
         self._b_seq = [np.ctypeslib.as_array(self._batch.seq_id[i], shape=(self.n_seq_max,)) for i in range(n)]
         self._b_nseq[:] = 1
+        for i in range(n):
+            self._b_seq[i][0] = 0
+        self._seq_dirty = False
 
         # KV-cache state of sequence 0 (see _decode_context)
         self._cached_segments: list[tuple[int, ...]] = []
@@ -256,14 +259,18 @@ class LlamaModel:
     # ---------------------------------------------------------------- decode
     def _decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray) -> np.ndarray | None:
         """One llama_decode; returns a view of the logits rows requested (in batch order)."""
+        batch = self._batch
+        assert batch is not None, "model is closed"
         n = len(tokens)
         self._b_token[:n] = tokens
         self._b_pos[:n] = pos
         self._b_logits[:n] = want
-        for i in range(n):
-            self._b_seq[i][0] = seq[i]
-        self._batch.n_tokens = n
-        rc = self._ll.llama_decode(self._ctx, self._batch)
+        if self._seq_dirty or seq.any():  # sequential scoring only ever uses seq 0
+            for i in range(n):
+                self._b_seq[i][0] = seq[i]
+            self._seq_dirty = bool(seq.any())
+        batch.n_tokens = n
+        rc = self._ll.llama_decode(self._ctx, batch)
         if rc != 0:
             why = _last_error()
             raise ModelError(f"llama_decode failed for {self.name!r} (code {rc}){': ' + why if why else ''}")
