@@ -458,3 +458,21 @@ def test_stdout_mode(
 def test_stdout_cannot_resume(env: Env) -> None:
     with pytest.raises(CdrError, match="stdout"):
         run(cfg_for(env, "-", resume=True), parse_line, AnnotateTask(env.pair))
+
+
+def test_idset_matches_python_set():
+    import random
+
+    from cdr_local.pipeline import IdSet, _id_key
+
+    rng = random.Random(3)
+    ids = [str(rng.randrange(10**6)) for _ in range(20_000)]
+    s, ref = IdSet(capacity=8), set()
+    for rid in ids:
+        k = _id_key(rid)
+        assert (k in s) == (k in ref)
+        s.add(k)
+        ref.add(k)
+    assert len(s) == len(ref)
+    assert all(_id_key(r) in s for r in ids)
+    assert _id_key("never-added-id") not in s
