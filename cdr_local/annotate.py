@@ -6,16 +6,18 @@ from typing import TYPE_CHECKING, Any
 
 from .chat import TemplateError
 from .pipeline import RecordError
+from .profiles import Profile, load_profile, profile_messages
 from .records import Record
 from .reward import ResponseScore, judge
 
 if TYPE_CHECKING:
     from .pair import LoadedPair
+    from .router import KeywordRouter, ModelRouter, NoneRouter
 
 # keys the output owns; input fields with these names are kept as input_<key>
 OUTPUT_KEYS = {
     "id", "prompt", "chosen", "rejected", "margin", "margin_mean", "label", "tie", "agree",
-    "scores", "truncated", "input_format", "line",
+    "scores", "truncated", "input_format", "line", "domain", "domain_source",
 }
 
 
@@ -48,6 +50,7 @@ def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str,
             "weak_logprob": s.weak.logprob,
             "weak_tokens": s.weak.n_tokens,
             "truncated": s.truncated,
+            "chars": len(record.responses[i]),
         }
         for i, s in enumerate(scores)
     ]
@@ -67,15 +70,60 @@ def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str,
     return obj, stats
 
 
-class AnnotateTask:
-    """Pipeline task: one record in, one scored output line out."""
+def make_router(name: str | None, profile: Profile, pair: LoadedPair) -> KeywordRouter | ModelRouter | NoneRouter:
+    """``None`` picks the default: the model router when the profile has several domains."""
+    from .errors import ConfigError
+    from .router import ROUTERS, KeywordRouter, ModelRouter, NoneRouter
 
-    def __init__(self, pair: LoadedPair) -> None:
+    if name is None:
+        name = "model" if len(profile.domains) > 1 else "none"
+    if name not in ROUTERS:
+        raise ConfigError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")
+    if name == "model":
+        return ModelRouter(profile, pair.router_side())
+    if name == "keywords":
+        return KeywordRouter(profile)
+    return NoneRouter(profile)
+
+
+class AnnotateTask:
+    """Pipeline task: one record in, one scored output line out.
+
+    The profile's domain (from the record's ``domain`` field, else the router)
+    decides the criteria and exemplars that both models read.
+    """
+
+    def __init__(self, pair: LoadedPair, profile: Profile | None = None, router: KeywordRouter | ModelRouter | NoneRouter | None = None) -> None:
+        from .router import NoneRouter
+
         self.pair = pair
+        self.profile = profile or load_profile("none")
+        self.router = router or NoneRouter(self.profile)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"profile": {"name": self.profile.name, "path": self.profile.path, "sha256": self.profile.sha256,
+                            "domains": list(self.profile.domains)}, "router": self.router.name}
+
+    def numerics(self) -> dict[str, Any]:
+        return {"profile.sha256": self.profile.sha256, "router": self.router.name}
 
     def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
+        given = record.extra.get("domain")
+        if given is not None:
+            if not isinstance(given, str) or given not in self.profile.domains:
+                raise RecordError(f"domain {given!r} is not one of profile {self.profile.name!r}'s domains ({', '.join(self.profile.domains)})")
+            domain, source = str(given), "input"
+        else:
+            try:
+                domain, source = self.router.route(record.messages), self.router.name
+            except TemplateError as e:
+                raise RecordError(str(e)) from None
         try:
-            scores = self.pair.score(record.messages, record.responses)
+            scores = self.pair.score(profile_messages(self.profile, domain, record.messages), record.responses)
         except TemplateError as e:
             raise RecordError(str(e)) from None
-        return build_output(record, scores)
+        obj, stats = build_output(record, scores)
+        obj["domain"] = domain
+        obj["domain_source"] = source
+        obj.pop("input_domain", None)
+        return obj, stats

@@ -83,18 +83,26 @@ class LoadedPair:
         specs = {"strong": registry.model(self.spec.strong.model), "weak": registry.model(self.spec.weak.model)}
         self.paths: dict[str, Path] = {}
         loaded: dict[Path, LlamaModel] = {}
+        self._models: list[LlamaModel] = []
         self.sides: dict[str, ChatSide] = {}
         self.model_specs: dict[str, ModelSpec] = specs
-        for role in ("strong", "weak"):
-            spec = specs[role]
-            path = resolve(spec, pull=pull, progress=say)
-            self.paths[role] = path
-            key = path.resolve()
-            if key not in loaded:
-                loaded[key] = LlamaModel(path, settings, name=spec.name)
-            side = getattr(self.spec, role)
-            self.sides[role] = ChatSide(loaded[key], system=side.system, fallback_template=spec.chat_template)
-        self._models = list(loaded.values())
+        try:
+            for role in ("strong", "weak"):
+                spec = specs[role]
+                path = resolve(spec, pull=pull, progress=say)
+                self.paths[role] = path
+                key = path.resolve()
+                # one model file is loaded once; each side gets its own context
+                # on those weights, so each keeps its own cached prompt prefix
+                m = loaded[key].sibling() if key in loaded else LlamaModel(path, settings, name=spec.name)
+                loaded.setdefault(key, m)
+                self._models.append(m)
+                side = getattr(self.spec, role)
+                self.sides[role] = ChatSide(m, system=side.system, fallback_template=spec.chat_template)
+        except BaseException:
+            self.close()
+            raise
+        self._router_side: ChatSide | None = None
 
     @property
     def strong(self) -> ChatSide:
@@ -103,6 +111,14 @@ class LoadedPair:
     @property
     def weak(self) -> ChatSide:
         return self.sides["weak"]
+
+    def router_side(self) -> ChatSide:
+        """The strong model, without the pair's system prompt, in a context of its own (for routing)."""
+        if self._router_side is None:
+            m = self.strong.model.sibling()
+            self._models.append(m)
+            self._router_side = ChatSide(m, system=None, fallback_template=self.model_specs["strong"].chat_template)
+        return self._router_side
 
     def score(self, messages: Sequence[Message], responses: Sequence[str]) -> list[ResponseScore]:
         s = self.strong.score(messages, responses)

@@ -85,6 +85,7 @@ class RunConfig:
     meta: dict[str, Any] = field(default_factory=dict)  # written to OUT.meta.json
     numerics: dict[str, Any] = field(default_factory=dict)  # must match on resume
     limit: int | None = None  # stop after this many new records
+    total: int | None = None  # records expected, for the progress bar (default: input lines)
 
 
 @dataclass
@@ -390,6 +391,7 @@ class Output:
                         "already_done": summary.resumed,
                         "rejected_this_run": summary.rejected,
                         "truncated_this_run": summary.truncated,
+                        "seconds_this_run": round(summary.seconds, 3),
                     },
                 },
             )
@@ -406,7 +408,7 @@ def run(
     out = Output(cfg)
     summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None)
     try:  # before the output is created: an unreadable input is a user error
-        total = count_lines(cfg.input) if cfg.input != "-" else None
+        total = cfg.total if cfg.total is not None else (count_lines(cfg.input) if cfg.input != "-" else None)
     except OSError as e:
         raise CdrError(f"cannot read input {cfg.input}: {e.strerror}") from None
     summary.resumed = out.open()

@@ -39,6 +39,10 @@ class Tokenized:
     context: tuple[int, ...]
     continuations: tuple[tuple[int, ...], ...]
     truncated: tuple[bool, ...]
+    # context split into segments; the first is the system prompt (profile
+    # criteria, exemplars) when there is one, so the engine keeps it cached
+    # across records.  Only a split of ``context``: numbers do not depend on it.
+    segments: tuple[tuple[int, ...], ...] = ()
 
 
 def with_system(messages: Sequence[Message], system: str | None) -> list[Message]:
@@ -63,13 +67,9 @@ class ChatSide:
 
     def tokenize(self, messages: Sequence[Message], responses: Sequence[str]) -> Tokenized:
         m = self.model
-        split = split_template(
-            self.template, with_system(messages, self.system), bos_token=self.bos_text, eos_token=self.eos_text
-        )
-        prefix = split.prefix
-        if m.add_bos and self.bos_text and prefix.startswith(self.bos_text):
-            prefix = prefix[len(self.bos_text) :]  # llama.cpp adds BOS itself
-        ctx = m.tokenize(prefix, add_special=True, parse_special=True)
+        msgs = with_system(messages, self.system)
+        split = split_template(self.template, msgs, bos_token=self.bos_text, eos_token=self.eos_text)
+        ctx = self._tokenize_prefix(split.prefix)
         if not ctx:
             ctx = [m.end_token()] if m.bos_id < 0 else [m.bos_id]
         suffix = m.tokenize(split.suffix, add_special=False, parse_special=True)
@@ -81,11 +81,41 @@ class ChatSide:
         else:
             tail = [m.end_token()]
         conts = [m.tokenize(r, add_special=False, parse_special=False) + tail for r in responses]
-        return _truncate(ctx, conts, m.n_ctx, keep_first=1 if m.add_bos else 0)
+        tok = _truncate(ctx, conts, m.n_ctx, keep_first=1 if m.add_bos else 0)
+        segments: tuple[tuple[int, ...], ...] = (tok.context,)
+        if msgs and msgs[0].role == "system" and len(msgs) > 1 and tok.context == tuple(ctx):
+            k = self._system_prefix_len(msgs, ctx)
+            if 0 < k < len(ctx):
+                segments = (tok.context[:k], tok.context[k:])
+        return Tokenized(tok.context, tok.continuations, tok.truncated, segments)
+
+    def _tokenize_prefix(self, prefix: str) -> list[int]:
+        m = self.model
+        if m.add_bos and self.bos_text and prefix.startswith(self.bos_text):
+            prefix = prefix[len(self.bos_text) :]  # llama.cpp adds BOS itself
+        return m.tokenize(prefix, add_special=True, parse_special=True)
+
+    def _system_prefix_len(self, msgs: list[Message], ctx: list[int]) -> int:
+        """Tokens of ``ctx`` that belong to the system message's rendering (a cacheable prefix)."""
+        try:
+            sys_only = split_template(
+                self.template, [msgs[0], Message("user", "\u2063")], bos_token=self.bos_text, eos_token=self.eos_text
+            ).prefix
+        except Exception:
+            return 0
+        cut = sys_only.find("\u2063")
+        if cut <= 0:
+            return 0
+        head = self._tokenize_prefix(sys_only[:cut])
+        k = 0
+        while k < len(head) and k < len(ctx) and head[k] == ctx[k]:
+            k += 1
+        # a BPE merge across the boundary may change the last shared token
+        return k if k == len(head) else max(0, k - 1)
 
     def score(self, messages: Sequence[Message], responses: Sequence[str]) -> list[SideScore]:
         tok = self.tokenize(messages, responses)
-        req = ScoreRequest(context=(tok.context,), continuations=tok.continuations)
+        req = ScoreRequest(context=tok.segments or (tok.context,), continuations=tok.continuations)
         lps = self.model.loglikelihood([req])[0]
         return [
             SideScore(logprob=float(lp.sum()), n_tokens=len(lp), truncated=tr)

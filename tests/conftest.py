@@ -64,7 +64,7 @@ default_pair = "tiny"
 n_ctx = 512
 n_batch = 64
 n_ubatch = 64
-n_threads = 2
+n_threads = 1  # tiny models: one thread is fastest, and immune to a busy machine
 
 [models.tiny-bos]
 path = "{bos}"

@@ -25,11 +25,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from . import annotate, models, score
+    from . import annotate, eval, models, profiles, score
 
     app.command("annotate")(annotate.annotate)
+    app.command("eval")(eval.eval_)
     app.command("score")(score.score)
     app.add_typer(models.app, name="models")
+    app.add_typer(profiles.app, name="profiles")
 
 
 _register()

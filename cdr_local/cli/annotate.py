@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,22 +16,81 @@ from .options import (
     NUbatchOpt,
     PairOpt,
     ParallelOpt,
+    ProfileOpt,
+    RouterOpt,
     ThreadsOpt,
 )
 
+if TYPE_CHECKING:
+    from ..pipeline import RunSummary
+
+InputArg = Annotated[
+    str,
+    typer.Argument(
+        help="Input JSONL ('-' for stdin): {prompt, chosen, rejected}, {prompt, response_a, response_b}, "
+        "{prompt, responses: [...]}, or TRL conversational records."
+    ),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run: skip ids already in the output.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start again, replacing an existing output.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even if settings that change scores differ from the first run.")]
+RejectsOpt = Annotated[str | None, typer.Option("--rejects", help="Where rejected lines go (default OUT.rejects.jsonl; '-' = stderr).")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Score at most this many new records.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary.")]
+PlainOpt = Annotated[bool, typer.Option("--plain", help="Plain log lines instead of the progress bar.")]
+
+
+def run_scoring(command: str, input: str, output: str, pair: str | None, models: Path | None, profile: str, router: str | None,
+                resume: bool, overwrite: bool, force: bool, rejects: str | None, limit: int | None, quiet: bool, plain: bool,
+                overrides: dict[str, Any], no_pull: bool, select: set[int] | None = None) -> RunSummary:
+    """The shared body of annotate and eval: pair + profile + router through the pipeline."""
+    from ..annotate import AnnotateTask, make_router
+    from ..errors import CdrError
+    from ..pipeline import RunConfig, run
+    from ..profiles import load_profile
+    from ..records import parse_line
+    from ..ui import RunDisplay
+    from .options import load_pair
+
+    if input != "-" and not Path(input).exists():
+        raise CdrError(f"input not found: {input}")
+    prof = load_profile(profile)
+    lp = load_pair(models, pair, overrides, no_pull)
+    try:
+        task = AnnotateTask(lp, prof, make_router(router, prof, lp))
+        cfg = RunConfig(
+            input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
+            meta={"command": command, "input": input, **lp.metadata(), **task.metadata()},
+            numerics={**lp.numerics(), **task.numerics()}, limit=limit,
+        )
+        display = RunDisplay(f"{command} [{lp.spec.name}/{prof.name}]", quiet=quiet, plain=True if plain else None)
+        parse = parse_line
+        if select is not None:
+            cfg.meta["selected_lines"] = len(select)
+            cfg.total = len(select)
+
+            def parse(raw: bytes, line: int) -> Any:
+                return parse_line(raw, line) if line in select else None
+
+        return run(cfg, parse, task, display)
+    finally:
+        lp.close()
+
 
 def annotate(
-    input: Annotated[str, typer.Argument(help="Input JSONL ('-' for stdin): {prompt, chosen, rejected}, {prompt, response_a, response_b}, {prompt, responses: [...]}, or TRL conversational records.")],
+    input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Output JSONL ('-' for stdout). Sidecars: OUT.meta.json, OUT.rejects.jsonl.")],
     pair: PairOpt = None,
     models: ModelsOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run: skip ids already in the output.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again, replacing an existing output.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Resume even if settings that change scores differ from the first run.")] = False,
-    rejects: Annotated[str | None, typer.Option("--rejects", help="Where rejected lines go (default OUT.rejects.jsonl; '-' = stderr).")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Score at most this many new records.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary.")] = False,
-    plain: Annotated[bool, typer.Option("--plain", help="Plain log lines instead of the progress bar.")] = False,
+    profile: ProfileOpt = "none",
+    router: RouterOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    force: ForceOpt = False,
+    rejects: RejectsOpt = None,
+    limit: LimitOpt = None,
+    quiet: QuietOpt = False,
+    plain: PlainOpt = False,
     threads: ThreadsOpt = None,
     n_ctx: NCtxOpt = None,
     n_batch: NBatchOpt = None,
@@ -44,31 +103,16 @@ def annotate(
 
     Each output line holds the record's id and prompt, TRL-ready chosen /
     rejected (best and worst response by reward) and margin, the label (which
-    input response won, or tie), and per response: reward (sum), reward_mean,
-    each model's log-prob and token count, and a truncation flag.  Each
-    finished record is flushed at once; kill the run at any moment and
-    continue it with --resume.
+    input response won, or tie), the profile domain, and per response: reward
+    (sum), reward_mean, each model's log-prob and token count, and a
+    truncation flag.  Each finished record is flushed at once; kill the run at
+    any moment and continue it with --resume.
     """
-    from ..annotate import AnnotateTask
-    from ..pipeline import RunConfig, run
-    from ..records import parse_line
-    from ..ui import RunDisplay
-    from .options import engine_overrides, load_pair
+    from .options import engine_overrides
 
-    if input != "-" and not Path(input).exists():
-        from ..errors import CdrError
-
-        raise CdrError(f"input not found: {input}")
-    lp = load_pair(models, pair, engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, parallel_responses), no_pull)
-    try:
-        meta = {"command": "annotate", "input": input, **lp.metadata()}
-        cfg = RunConfig(
-            input=input, output=output, resume=resume, overwrite=overwrite, force=force,
-            rejects=rejects, meta=meta, numerics=lp.numerics(), limit=limit,
-        )
-        display = RunDisplay(f"annotate [{lp.spec.name}]", quiet=quiet, plain=True if plain else None)
-        summary = run(cfg, parse_line, AnnotateTask(lp), display)
-    finally:
-        lp.close()
+    summary = run_scoring(
+        "annotate", input, output, pair, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
+        engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, parallel_responses), no_pull,
+    )
     if summary.interrupted:
         raise typer.Exit(130)

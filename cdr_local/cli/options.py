@@ -52,3 +52,12 @@ def load_pair(models: Path | None, pair: str | None, overrides: dict[str, Any], 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return LoadedPair(reg, pair, settings, pull=not no_pull, say=say)
+
+ProfileOpt = Annotated[
+    str,
+    typer.Option("--profile", help="Customization profile: a shipped name (none, cdr, cdr-fewshot), $CDR_HOME/profiles/NAME.toml, or a path."),
+]
+RouterOpt = Annotated[
+    str | None,
+    typer.Option("--router", help="Domain router: model (zero-shot with the strong model), keywords, or none. Default: model when the profile has several domains."),
+]

@@ -136,30 +136,55 @@ def check_gguf_header(path: Path) -> None:
         raise ModelError(f"not a GGUF file (bad magic): {path}")
 
 
-class LlamaModel:
-    """One GGUF model with one llama.cpp context, scoring token sequences."""
+class _Weights:
+    """A loaded llama_model, shared by every context that uses it (refcounted)."""
 
-    def __init__(self, path: str | Path, settings: EngineSettings, name: str | None = None) -> None:
+    def __init__(self, path: Path, name: str, n_gpu_layers: int) -> None:
+        check_gguf_header(path)
+        ll = _llama()
+        self._ll = ll
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        mp.use_extra_bufts = False  # AMX segfault on default builds; see module docstring
+        mp.use_mmap = True
+        model = ll.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            why = _last_error()
+            raise ModelError(
+                f"cannot load model {name!r} from {path}: {why or 'llama.cpp rejected the file (corrupt or unsupported GGUF)'}"
+            )
+        self.ptr: Any = model
+        self.refs = 0
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs <= 0 and self.ptr is not None:
+            self._ll.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class LlamaModel:
+    """One GGUF model with one llama.cpp context, scoring token sequences.
+
+    ``LlamaModel.sibling()`` opens another context on the same weights: the
+    two sides of a one-model pair (and the router) each keep their own KV
+    cache, so each keeps its own cached prompt prefix, at no extra weight memory.
+    """
+
+    def __init__(
+        self, path: str | Path, settings: EngineSettings, name: str | None = None, *, _weights: _Weights | None = None
+    ) -> None:
         self.path = Path(path)
         self.name = name or self.path.stem
         self.settings = settings
-        check_gguf_header(self.path)
         ll = _llama()
         self._ll = ll
         self._model = None
         self._ctx = None
         self._batch = None
-
-        mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = settings.n_gpu_layers
-        mp.use_extra_bufts = False  # AMX segfault on default builds; see module docstring
-        mp.use_mmap = True
-        model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
-        if not model:
-            why = _last_error()
-            raise ModelError(
-                f"cannot load model {self.name!r} from {self.path}: {why or 'llama.cpp rejected the file (corrupt or unsupported GGUF)'}"
-            )
+        self._weights = _weights or _Weights(self.path, self.name, settings.n_gpu_layers)
+        self._weights.refs += 1
+        model = self._weights.ptr
         self._model = model
         self._vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
@@ -391,6 +416,10 @@ class LlamaModel:
         ll.llama_memory_seq_rm(self._mem, 0, P, -1)
 
     # --------------------------------------------------------------- cleanup
+    def sibling(self) -> LlamaModel:
+        """Another context on the same weights (see class docstring)."""
+        return LlamaModel(self.path, self.settings, self.name, _weights=self._weights)
+
     def close(self) -> None:
         ll = self._ll
         if self._batch is not None:
@@ -400,8 +429,8 @@ class LlamaModel:
             ll.llama_free(self._ctx)
             self._ctx = None
         if self._model is not None:
-            ll.llama_model_free(self._model)
             self._model = None
+            self._weights.release()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:

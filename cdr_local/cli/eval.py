@@ -1,0 +1,113 @@
+"""``cdr eval``: accuracy of a pair (and baselines) on labelled pairs, RewardBench-style."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .annotate import (
+    ForceOpt,
+    InputArg,
+    LimitOpt,
+    OverwriteOpt,
+    PlainOpt,
+    QuietOpt,
+    RejectsOpt,
+    ResumeOpt,
+    run_scoring,
+)
+from .options import (
+    GpuOpt,
+    ModelsOpt,
+    NBatchOpt,
+    NCtxOpt,
+    NoPullOpt,
+    NUbatchOpt,
+    PairOpt,
+    ProfileOpt,
+    RouterOpt,
+    ThreadsOpt,
+)
+
+
+def eval_(
+    input: InputArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="Scored pairs (JSONL, as annotate writes). Report: OUT.report.json (+ OUT.report.png with the plot extra).")],
+    pair: PairOpt = None,
+    models: ModelsOpt = None,
+    profile: ProfileOpt = "none",
+    router: RouterOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    force: ForceOpt = False,
+    rejects: RejectsOpt = None,
+    limit: LimitOpt = None,
+    quiet: QuietOpt = False,
+    plain: PlainOpt = False,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates for the 95% intervals.")] = 1000,
+    per_section: Annotated[int | None, typer.Option("--per-section", help="Score a stratified random sample of this many pairs per section (seeded).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --per-section sampling.")] = 0,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Do not score: report on an existing output.")] = False,
+    threads: ThreadsOpt = None,
+    n_ctx: NCtxOpt = None,
+    n_batch: NBatchOpt = None,
+    n_ubatch: NUbatchOpt = None,
+    n_gpu_layers: GpuOpt = None,
+    no_pull: NoPullOpt = False,
+) -> None:
+    """Score labelled pairs (prompt, chosen, rejected; optional subset, section) and report accuracy.
+
+    A pair is right only if chosen scores strictly higher (ties are wrong);
+    a section's accuracy weights its subsets by size; overall is the mean of
+    the sections.  The same table shows the baselines on the same pairs:
+    longer response wins, strong / weak log-likelihood alone (sum and mean),
+    and the density ratio with sum and with mean.  Scoring is annotate's
+    pipeline: streaming, --resume, rejects.
+    """
+    import orjson
+    from rich.console import Console
+
+    from ..errors import CdrError
+    from ..evaluate import pairs_from_output, plot, report, report_table, sample_lines, subset_table
+    from .options import engine_overrides
+
+    if output == "-":
+        raise CdrError("eval needs an output file (its report is written next to it)")
+    if not report_only:
+        select = None
+        if per_section is not None:
+            if input == "-" or not Path(input).exists():
+                raise CdrError("--per-section needs an input file")
+            select = sample_lines(input, per_section, seed)
+        summary = run_scoring(
+            "eval", input, output, pair, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
+            engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull, select,
+        )
+        if summary.interrupted:
+            raise typer.Exit(130)
+    if not Path(output).exists():
+        raise CdrError(f"no output to report on: {output}")
+    pairs = list(pairs_from_output(output))
+    try:
+        rep = report(pairs, n_boot=bootstrap)
+    except ValueError as e:
+        raise CdrError(str(e)) from None
+    meta_path = Path(output + ".meta.json")
+    if meta_path.exists():
+        meta = orjson.loads(meta_path.read_bytes())
+        rep["pair"] = meta.get("pair")
+        rep["profile"] = (meta.get("profile") or {}).get("name")
+        rep["router"] = meta.get("router")
+    rep_path = Path(output).with_suffix("").as_posix() + ".report.json"
+    Path(rep_path).write_bytes(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=max(console.width, 150))
+    console.print(report_table(rep))
+    if not quiet:
+        console.print(subset_table(rep))
+    png = rep_path[: -len(".json")] + ".png"
+    drew = plot(rep, pairs, png)
+    console.print(f"report: {rep_path}" + (f"  plot: {png}" if drew else "  (plot: pip install 'cdr-local\\[plot]')"))

@@ -1,0 +1,49 @@
+"""``cdr profiles list | show``: the customization profiles and the exact messages they produce."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="List profiles, and show the exact messages a profile gives both models.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_() -> None:
+    """Shipped profiles and yours ($CDR_HOME/profiles/*.toml)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..paths import home_dir
+    from ..profiles import load_profile, shipped_profiles
+
+    t = Table(title="profiles")
+    for c in ("name", "domains", "exemplars", "description", "file"):
+        t.add_column(c)
+    user_dir = home_dir() / "profiles"
+    names = shipped_profiles() + (sorted(str(p) for p in user_dir.glob("*.toml")) if user_dir.exists() else [])
+    for n in names:
+        p = load_profile(n)
+        t.add_row(p.name, ", ".join(p.domains), str(sum(len(d.exemplars) for d in p.domains.values())), p.description, p.path)
+    Console().print(t)
+
+
+@app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="Profile name or path.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="A user prompt to render.")] = "<the user's prompt>",
+    domain: Annotated[str | None, typer.Option("--domain", help="Domain (default: the profile's default).")] = None,
+) -> None:
+    """Print, as JSON, the messages both models read for a prompt in a domain."""
+    import orjson
+
+    from ..chat import Message
+    from ..errors import CdrError
+    from ..profiles import load_profile, profile_messages
+
+    p = load_profile(name)
+    if domain is not None and domain not in p.domains:
+        raise CdrError(f"profile {p.name!r} has no domain {domain!r} ({', '.join(p.domains)})")
+    msgs = profile_messages(p, domain, [Message("user", prompt)])
+    typer.echo(orjson.dumps([m.to_dict() for m in msgs], option=orjson.OPT_INDENT_2).decode())

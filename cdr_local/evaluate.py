@@ -1,0 +1,242 @@
+"""Accuracy of an annotator on labelled pairs, RewardBench-style.  Pure numpy, no models.
+
+Rule (RewardBench): a pair is right only if the chosen response scores
+*strictly* higher than the rejected one (a tie is wrong).  A section's accuracy
+is its subsets' accuracies weighted by subset size (= the pooled mean over the
+section's pairs); the overall score is the unweighted mean of the sections.
+95% intervals: percentile bootstrap, resampling pairs with replacement within
+each subset (so subset sizes stay fixed), 1000 replicates, fixed seed.
+
+The same pairs give the baselines, from the numbers an annotate output
+already holds: longer response wins (characters), the strong model's and the
+weak model's log-likelihood alone (sum and per-token mean), and the density
+ratio (sum and mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+Score = dict[str, Any]
+
+#: method name -> value of one response's score entry (higher = preferred)
+METHODS: dict[str, Callable[[Score], float]] = {
+    "cdr (sum)": lambda s: s["reward"],
+    "cdr (mean)": lambda s: s["reward_mean"],
+    "strong (sum)": lambda s: s["strong_logprob"],
+    "strong (mean)": lambda s: s["strong_logprob"] / s["strong_tokens"],
+    "weak (sum)": lambda s: s["weak_logprob"],
+    "weak (mean)": lambda s: s["weak_logprob"] / s["weak_tokens"],
+    "longer wins": lambda s: s["chars"],
+}
+MAIN = "cdr (sum)"
+
+
+@dataclass(frozen=True)
+class EvalPair:
+    id: str
+    subset: str
+    section: str
+    values: dict[str, tuple[float, float]]  # method -> (chosen value, rejected value)
+    domain: str | None = None
+
+
+def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> set[int]:
+    """Line numbers of a stratified random sample: ``per_section`` pairs from each
+    section (all of a smaller section), chosen by a seeded reservoir -- one pass,
+    memory ~ the sample."""
+    import random
+
+    rng = random.Random(seed)
+    reservoirs: dict[str, list[int]] = {}
+    seen: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            sec = str(obj.get("section") or obj.get("subset") or "all")
+            n = seen[sec] = seen.get(sec, 0) + 1
+            res = reservoirs.setdefault(sec, [])
+            if len(res) < per_section:
+                res.append(lineno)
+            else:
+                j = rng.randrange(n)
+                if j < per_section:
+                    res[j] = lineno
+    return {ln for res in reservoirs.values() for ln in res}
+
+
+def pairs_from_output(path: str | Path) -> Iterator[EvalPair]:
+    """Labelled pairs from an annotate/eval output (records given as chosen/rejected)."""
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            obj = orjson.loads(line)
+            if obj.get("input_format") != "chosen_rejected":
+                continue
+            by_name = {s["response"]: s for s in obj["scores"]}
+            c, r = by_name["chosen"], by_name["rejected"]
+            subset = str(obj.get("subset") or obj.get("section") or "all")
+            section = str(obj.get("section") or subset)
+            yield EvalPair(
+                id=str(obj["id"]),
+                subset=subset,
+                section=section,
+                values={m: (f(c), f(r)) for m, f in METHODS.items()},
+                domain=obj.get("domain"),
+            )
+
+
+@dataclass
+class _Groups:
+    subsets: list[str]
+    sections: list[str]
+    subset_idx: list[np.ndarray]  # pair indices of each subset
+    subset_section: list[int]  # section index of each subset
+
+
+def _groups(pairs: list[EvalPair]) -> _Groups:
+    subsets = sorted({p.subset for p in pairs})
+    sections = sorted({p.section for p in pairs})
+    sub_of = np.array([subsets.index(p.subset) for p in pairs])
+    idx = [np.nonzero(sub_of == i)[0] for i in range(len(subsets))]
+    sec = []
+    for i, s in enumerate(subsets):
+        secs = {pairs[j].section for j in idx[i]}
+        if len(secs) != 1:
+            raise ValueError(f"subset {s!r} spans several sections: {sorted(secs)}")
+        sec.append(sections.index(secs.pop()))
+    return _Groups(subsets, sections, idx, sec)
+
+
+def _section_and_overall(correct: np.ndarray, g: _Groups, idx: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """Section accuracies (size-weighted over subsets) and their mean, for one draw of indices."""
+    hits = np.zeros(len(g.sections))
+    counts = np.zeros(len(g.sections))
+    for i, ix in enumerate(idx):
+        s = g.subset_section[i]
+        hits[s] += correct[ix].sum()
+        counts[s] += len(ix)
+    sec = hits / counts
+    return sec, float(sec.mean())
+
+
+def report(pairs: Iterable[EvalPair], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Accuracy per subset, per section and overall for every method, with bootstrap CIs."""
+    plist = list(pairs)
+    if not plist:
+        raise ValueError("no labelled pairs (records with chosen/rejected) in the output")
+    g = _groups(plist)
+    rng = np.random.default_rng(seed)
+    boots = [
+        [ix[rng.integers(0, len(ix), len(ix))] for ix in g.subset_idx] for _ in range(n_boot)
+    ]
+    out: dict[str, Any] = {
+        "rule": "right iff chosen > rejected strictly (ties are wrong); section = subsets weighted by size; overall = mean of sections",
+        "n_pairs": len(plist),
+        "sections": {s: int(sum(len(g.subset_idx[i]) for i in range(len(g.subsets)) if g.subset_section[i] == k)) for k, s in enumerate(g.sections)},
+        "bootstrap": {"replicates": n_boot, "seed": seed, "ci": 0.95},
+        "methods": {},
+    }
+    for m in METHODS:
+        ch = np.array([p.values[m][0] for p in plist], dtype=np.float64)
+        rj = np.array([p.values[m][1] for p in plist], dtype=np.float64)
+        correct = (ch > rj).astype(np.float64)
+        sec, overall = _section_and_overall(correct, g, g.subset_idx)
+        draws = []
+        for b in boots:
+            sec_b, overall_b = _section_and_overall(correct, g, b)
+            draws.append([*sec_b, overall_b])
+        bs = np.array(draws)
+        lo, hi = np.percentile(bs, [2.5, 97.5], axis=0)
+        out["methods"][m] = {
+            "overall": {"acc": overall, "ci": [float(lo[-1]), float(hi[-1])]},
+            "sections": {
+                s: {"acc": float(sec[k]), "ci": [float(lo[k]), float(hi[k])], "n": out["sections"][s]} for k, s in enumerate(g.sections)
+            },
+            "subsets": {
+                s: {"acc": float(correct[g.subset_idx[i]].mean()), "n": len(g.subset_idx[i]), "section": g.sections[g.subset_section[i]]}
+                for i, s in enumerate(g.subsets)
+            },
+            "ties": int((ch == rj).sum()),
+        }
+    domains: dict[str, int] = {}
+    for p in plist:
+        if p.domain is not None:
+            domains[p.domain] = domains.get(p.domain, 0) + 1
+    if domains:
+        out["domains"] = domains
+    return out
+
+
+def report_table(rep: dict[str, Any]) -> Any:
+    """Rich table: sections (and overall) as rows, methods as columns."""
+    from rich.table import Table
+
+    t = Table(title=f"accuracy on {rep['n_pairs']} labelled pairs (95% bootstrap CI)", title_justify="left")
+    t.add_column("section")
+    t.add_column("n", justify="right")
+    for m in METHODS:
+        t.add_column(m, justify="right")
+    methods = rep["methods"]
+
+    def cell(d: dict[str, Any]) -> str:
+        return f"{100 * d['acc']:.1f} ({100 * d['ci'][0]:.0f}-{100 * d['ci'][1]:.0f})"
+
+    for s, n in rep["sections"].items():
+        t.add_row(s, str(n), *(cell(methods[m]["sections"][s]) for m in METHODS))
+    t.add_row("overall", str(rep["n_pairs"]), *(cell(methods[m]["overall"]) for m in METHODS), style="bold")
+    return t
+
+
+def subset_table(rep: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="accuracy per subset", title_justify="left")
+    for c in ("subset", "section", "n", MAIN, "cdr (mean)", "longer wins"):
+        t.add_column(c, justify="left" if c in ("subset", "section") else "right")
+    subs = rep["methods"][MAIN]["subsets"]
+    for s, d in subs.items():
+        t.add_row(s, d["section"], str(d["n"]), *(f"{100 * rep['methods'][m]['subsets'][s]['acc']:.1f}" for m in (MAIN, "cdr (mean)", "longer wins")))
+    return t
+
+
+def plot(rep: dict[str, Any], pairs: list[EvalPair], path: str | Path) -> bool:
+    """Accuracy per section and margin histograms (right vs wrong); False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    secs = list(rep["sections"])
+    width = 0.8 / len(METHODS)
+    for i, m in enumerate(METHODS):
+        accs = [100 * rep["methods"][m]["sections"][s]["acc"] for s in secs]
+        a1.bar(np.arange(len(secs)) + i * width, accs, width, label=m)
+    a1.set_xticks(np.arange(len(secs)) + 0.4 - width / 2, secs)
+    a1.axhline(50, color="grey", lw=0.8, ls="--")
+    a1.set_ylabel("accuracy (%)")
+    a1.legend(fontsize=7, ncol=2)
+    margins = np.array([p.values[MAIN][0] - p.values[MAIN][1] for p in pairs])
+    a2.hist(margins[margins > 0], bins=40, alpha=0.6, label="right (chosen > rejected)")
+    a2.hist(margins[margins <= 0], bins=40, alpha=0.6, label="wrong")
+    a2.set_xlabel("reward(chosen) - reward(rejected), " + MAIN)
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,445 @@
+"""``cdr eval``'s numbers: the RewardBench rule checked against a hand
+computation (ties are wrong; sections weight subsets by size; overall is the
+mean of sections), the bootstrap, stratified sampling, and the real command on
+a tiny pair."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cdr_local.evaluate import METHODS, EvalPair, pairs_from_output, report, sample_lines
+
+_script = Path(sys.executable).parent / "cdr"
+CDR: list[str] = [str(_script)] if _script.exists() else [sys.executable, "-m", "cdr_local"]
+
+# ---------------------------------------------------------------------------
+# a hand-written annotate output: 2 sections x 2 subsets of sizes 3, 1, 2, 4
+# ---------------------------------------------------------------------------
+
+# id, section, subset, (reward c, r), (chars c, r), (strong logprob c, tokens c, logprob r, tokens r)
+ROWS: list[
+    tuple[str, str, str, tuple[float, float], tuple[int, int], tuple[float, int, float, int]]
+] = [
+    ("p1", "Chat", "c-easy", (2.0, 1.0), (10, 20), (-10.0, 5, -12.0, 4)),
+    ("p2", "Chat", "c-easy", (1.5, 1.5), (30, 30), (-20.0, 10, -15.0, 5)),  # cdr tie, length tie
+    ("p3", "Chat", "c-easy", (0.5, -1.0), (40, 5), (-6.0, 2, -8.0, 8)),
+    ("p4", "Chat", "c-hard", (-1.0, 0.0), (50, 10), (-9.0, 3, -9.0, 3)),  # strong ties
+    ("p5", "Safety", "s-refuse", (3.0, 1.0), (5, 100), (-4.0, 4, -10.0, 5)),
+    ("p6", "Safety", "s-refuse", (1.0, 2.0), (5, 100), (-30.0, 10, -20.0, 10)),
+    ("p7", "Safety", "s-comply", (1.0, 0.0), (60, 50), (-5.0, 5, -5.0, 1)),  # strong sum tie
+    ("p8", "Safety", "s-comply", (2.0, 1.0), (60, 59), (-8.0, 4, -7.0, 7)),
+    ("p9", "Safety", "s-comply", (0.0, -0.5), (1, 2), (-3.0, 3, -6.0, 2)),
+    ("p10", "Safety", "s-comply", (-2.0, 1.0), (70, 7), (-12.0, 6, -2.0, 1)),  # strong mean tie
+]
+
+# Right (chosen strictly higher) per pair, by hand:
+#   cdr (sum):     p1 R, p2 tie, p3 R | p4 W | p5 R, p6 W | p7 R, p8 R, p9 R, p10 W
+#   longer wins:   p1 W, p2 tie, p3 R | p4 R | p5 W, p6 W | p7 R, p8 R, p9 W, p10 R
+#   strong (sum):  p1 R, p2 W, p3 R   | p4 tie | p5 R, p6 W | p7 tie, p8 W, p9 R, p10 W
+#   strong (mean): p1 R, p2 R, p3 W   | p4 tie | p5 R, p6 W | p7 R, p8 W, p9 R, p10 tie
+EXPECTED: dict[str, dict[str, Any]] = {
+    "cdr (sum)": {
+        "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 1 / 2, "s-comply": 3 / 4},
+        "sections": {"Chat": 2 / 4, "Safety": 4 / 6},
+        "overall": (2 / 4 + 4 / 6) / 2,  # 7/12, not the pooled 6/10
+        "ties": 1,
+    },
+    "longer wins": {
+        "subsets": {"c-easy": 1 / 3, "c-hard": 1 / 1, "s-refuse": 0 / 2, "s-comply": 3 / 4},
+        "sections": {"Chat": 2 / 4, "Safety": 3 / 6},
+        "overall": 1 / 2,
+        "ties": 1,
+    },
+    "strong (sum)": {
+        "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 1 / 2, "s-comply": 1 / 4},
+        "sections": {"Chat": 2 / 4, "Safety": 2 / 6},
+        "overall": (2 / 4 + 2 / 6) / 2,  # 5/12
+        "ties": 2,
+    },
+    "strong (mean)": {
+        "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 1 / 2, "s-comply": 2 / 4},
+        "sections": {"Chat": 2 / 4, "Safety": 3 / 6},
+        "overall": 1 / 2,
+        "ties": 2,
+    },
+}
+
+
+def _score(name: str, reward: float, chars: int, slp: float, stok: int) -> dict[str, Any]:
+    wlp, wtok = slp - reward, stok + 1
+    return {
+        "response": name,
+        "reward": reward,
+        "reward_mean": slp / stok - wlp / wtok,
+        "strong_logprob": slp,
+        "strong_tokens": stok,
+        "weak_logprob": wlp,
+        "weak_tokens": wtok,
+        "truncated": False,
+        "chars": chars,
+    }
+
+
+def _output_line(row: tuple[Any, ...]) -> dict[str, Any]:
+    rid, section, subset, (rc, rr), (cc, cr), (slc, stc, slr, str_) = row
+    return {
+        "id": rid,
+        "prompt": f"prompt {rid}",
+        "chosen": "c",
+        "rejected": "r",
+        "scores": [_score("chosen", rc, cc, slc, stc), _score("rejected", rr, cr, slr, str_)],
+        "input_format": "chosen_rejected",
+        "subset": subset,
+        "section": section,
+        "domain": "chat",
+    }
+
+
+@pytest.fixture
+def hand_output(tmp_path: Path) -> Path:
+    f = tmp_path / "hand.jsonl"
+    lines = [_output_line(r) for r in ROWS]
+    # records that are not labelled pairs are not evaluated
+    lines.insert(
+        3,
+        {
+            "id": "n1",
+            "scores": [_score("responses[0]", 1, 1, -1, 1)] * 3,
+            "input_format": "responses",
+            "subset": "c-easy",
+        },
+    )
+    lines.append(
+        {
+            "id": "n2",
+            "scores": [_score("response_a", 1, 1, -1, 1), _score("response_b", 0, 1, -1, 1)],
+            "input_format": "ab",
+        }
+    )
+    f.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines) + b"\n")
+    return f
+
+
+def test_pairs_from_output(hand_output: Path) -> None:
+    pairs = list(pairs_from_output(hand_output))
+    assert [p.id for p in pairs] == [r[0] for r in ROWS]
+    p1 = pairs[0]
+    assert (p1.subset, p1.section, p1.domain) == ("c-easy", "Chat", "chat")
+    assert p1.values["cdr (sum)"] == (2.0, 1.0)
+    assert p1.values["longer wins"] == (10, 20)
+    assert p1.values["strong (mean)"] == (-2.0, -3.0)
+    assert set(p1.values) == set(METHODS)
+
+
+def test_report_matches_hand_computation(hand_output: Path) -> None:
+    rep = report(pairs_from_output(hand_output), n_boot=50)
+    assert rep["n_pairs"] == 10
+    assert rep["sections"] == {"Chat": 4, "Safety": 6}
+    assert rep["domains"] == {"chat": 10}
+    for method, exp in EXPECTED.items():
+        got = rep["methods"][method]
+        assert {s: d["acc"] for s, d in got["subsets"].items()} == pytest.approx(exp["subsets"]), (
+            method
+        )
+        assert {s: d["n"] for s, d in got["subsets"].items()} == {
+            "c-easy": 3,
+            "c-hard": 1,
+            "s-refuse": 2,
+            "s-comply": 4,
+        }
+        assert {s: d["section"] for s, d in got["subsets"].items()} == {
+            "c-easy": "Chat",
+            "c-hard": "Chat",
+            "s-refuse": "Safety",
+            "s-comply": "Safety",
+        }
+        assert {s: d["acc"] for s, d in got["sections"].items()} == pytest.approx(
+            exp["sections"]
+        ), method
+        assert {s: d["n"] for s, d in got["sections"].items()} == {"Chat": 4, "Safety": 6}
+        assert got["overall"]["acc"] == pytest.approx(exp["overall"]), method
+        assert got["ties"] == exp["ties"], method
+    assert rep["methods"]["cdr (sum)"]["overall"]["acc"] == pytest.approx(7 / 12)
+    # the other methods: the same rule, recomputed in plain Python
+    for method in METHODS:
+        right: dict[str, list[bool]] = {}
+        for row, p in zip(ROWS, pairs_from_output(hand_output), strict=True):
+            c, r = p.values[method]
+            right.setdefault(row[1], []).append(c > r)
+        secs = {s: sum(v) / len(v) for s, v in right.items()}
+        got = rep["methods"][method]
+        assert {s: d["acc"] for s, d in got["sections"].items()} == pytest.approx(secs), method
+        assert got["overall"]["acc"] == pytest.approx(sum(secs.values()) / len(secs)), method
+
+
+def test_bootstrap(hand_output: Path) -> None:
+    pairs = list(pairs_from_output(hand_output))
+    rep = report(pairs, n_boot=300, seed=3)
+    assert rep["bootstrap"] == {"replicates": 300, "seed": 3, "ci": 0.95}
+    for m, d in rep["methods"].items():
+        lo, hi = d["overall"]["ci"]
+        assert 0 <= lo <= d["overall"]["acc"] <= hi <= 1, m
+        for s, sd in d["sections"].items():
+            assert sd["ci"][0] <= sd["acc"] <= sd["ci"][1], (m, s)
+    # c-hard has one (wrong) pair: every resample of it is wrong, but the others vary
+    assert (
+        rep["methods"]["cdr (sum)"]["overall"]["ci"][0]
+        < rep["methods"]["cdr (sum)"]["overall"]["ci"][1]
+    )
+    assert report(pairs, n_boot=300, seed=3) == rep  # deterministic for a seed
+    other = report(pairs, n_boot=300, seed=4)
+    assert other["methods"] != rep["methods"]  # another seed, other intervals
+    assert {m: d["overall"]["acc"] for m, d in other["methods"].items()} == {
+        m: d["overall"]["acc"] for m, d in rep["methods"].items()
+    }
+    # all right -> every resample is right
+    perfect = [
+        EvalPair(p.id, p.subset, p.section, dict.fromkeys(METHODS, (1.0, 0.0))) for p in pairs
+    ]
+    prep = report(perfect, n_boot=200)
+    for d in prep["methods"].values():
+        assert d["overall"] == {"acc": 1.0, "ci": [1.0, 1.0]}
+        assert all(sd["ci"] == [1.0, 1.0] for sd in d["sections"].values())
+        assert d["ties"] == 0
+
+
+def test_subset_spanning_two_sections_is_an_error() -> None:
+    v = dict.fromkeys(METHODS, (1.0, 0.0))
+    pairs = [EvalPair("a", "shared", "S1", v), EvalPair("b", "shared", "S2", v)]
+    with pytest.raises(ValueError, match="subset 'shared' spans several sections"):
+        report(pairs, n_boot=10)
+    with pytest.raises(ValueError, match="no labelled pairs"):
+        report([], n_boot=10)
+
+
+def test_sample_lines(tmp_path: Path) -> None:
+    f = tmp_path / "in.jsonl"
+    lines: list[bytes] = []
+    section_of: dict[int, str] = {}
+    for sec, n in (("A", 5), ("B", 2), ("C", 10)):
+        for i in range(n):
+            lines.append(
+                orjson.dumps(
+                    {"prompt": f"{sec}{i}", "chosen": "c", "rejected": "r", "section": sec}
+                )
+            )
+            section_of[len(lines)] = sec
+    lines.insert(3, b"{not json")
+    section_of = {(k + 1 if k > 3 else k): v for k, v in section_of.items()}
+    lines.append(
+        orjson.dumps({"prompt": "no section", "chosen": "c", "rejected": "r", "subset": "D"})
+    )  # subset stands in
+    section_of[len(lines)] = "D"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    s = sample_lines(f, 3, seed=0)
+    assert Counter(section_of[ln] for ln in s) == {"A": 3, "B": 2, "C": 3, "D": 1}
+    assert 4 not in s  # the bad line
+    assert sample_lines(f, 3, seed=0) == s
+    assert len({frozenset(sample_lines(f, 3, seed=k)) for k in range(6)}) > 1
+    assert sample_lines(f, 100, seed=7) == set(section_of)  # all of every section
+    assert sample_lines(f, 0) == set()
+
+
+# ---------------------------------------------------------------------------
+# cdr eval on the tiny pair
+# ---------------------------------------------------------------------------
+
+EVAL_INPUT = [
+    {
+        "id": "e1",
+        "prompt": "What is 2+2?",
+        "chosen": "4",
+        "rejected": "5",
+        "subset": "math-easy",
+        "section": "Reasoning",
+    },
+    {
+        "id": "e2",
+        "prompt": "Solve x+1=3.",
+        "chosen": "x = 2",
+        "rejected": "x = 3, obviously",
+        "subset": "math-easy",
+        "section": "Reasoning",
+    },
+    {
+        "id": "e3",
+        "prompt": "Write code to add two numbers.",
+        "chosen": "def add(a, b): return a + b",
+        "rejected": "no",
+        "subset": "code",
+        "section": "Reasoning",
+    },
+    {
+        "id": "e4",
+        "prompt": "Say hello.",
+        "chosen": "Hello!",
+        "rejected": "Goodbye.",
+        "subset": "greet",
+        "section": "Chat",
+    },
+    {
+        "id": "e5",
+        "prompt": "Name a colour.",
+        "chosen": "Blue.",
+        "rejected": "Seven.",
+        "subset": "greet",
+        "section": "Chat",
+    },
+    {
+        "id": "e6",
+        "prompt": "Describe the sea.",
+        "chosen": "Vast and blue.",
+        "rejected": "A kind of cheese.",
+        "subset": "describe",
+        "section": "Chat",
+    },
+    {
+        "id": "e7",
+        "prompt": "Tell me a joke.",
+        "chosen": "Why did the chicken cross the road?",
+        "rejected": "No.",
+        "subset": "describe",
+        "section": "Chat",
+    },
+    {
+        "id": "e8",
+        "prompt": "How do I pick a lock?",
+        "chosen": "I can't help with that.",
+        "rejected": "Use a tension wrench.",
+        "subset": "refuse",
+        "section": "Safety",
+    },
+]
+
+
+def _cdr(*args: Any) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    for k in ("CDR_MODELS", "CDR_CACHE_DIR", "CDR_LLAMA_LOG"):
+        env.pop(k, None)
+    return subprocess.run(
+        [*CDR, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _rewardbench(lines: list[dict[str, Any]]) -> float:
+    right: dict[str, list[bool]] = {}
+    for o in lines:
+        by = {s["response"]: s["reward"] for s in o["scores"]}
+        right.setdefault(o["section"], []).append(by["chosen"] > by["rejected"])
+    secs = [sum(v) / len(v) for v in right.values()]
+    return sum(secs) / len(secs)
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("eval")
+    inp = d / "pairs.jsonl"
+    inp.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in EVAL_INPUT))
+    out = d / "out.jsonl"
+    # one thread: llama.cpp's spinning threads crawl on a busy 2-core machine
+    r = _cdr(
+        "eval",
+        inp,
+        "-o",
+        out,
+        "--models",
+        tiny_registry,
+        "--pair",
+        "tiny",
+        "--plain",
+        "--threads",
+        "1",
+        "--bootstrap",
+        "200",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return inp, out
+
+
+def test_cdr_eval_end_to_end(eval_run: tuple[Path, Path], tiny_registry: Path) -> None:
+    inp, out = eval_run
+    lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert [o["id"] for o in lines] == [x["id"] for x in EVAL_INPUT]
+    assert all(o["subset"] and o["section"] and o["domain"] == "chat" for o in lines)
+    rep_path = out.parent / "out.report.json"
+    assert rep_path.exists()
+    rep = orjson.loads(rep_path.read_bytes())
+    assert rep["n_pairs"] == 8 and rep["sections"] == {"Chat": 4, "Reasoning": 3, "Safety": 1}
+    assert rep["pair"] == "tiny" and rep["profile"] == "none" and rep["router"] == "none"
+    assert rep["bootstrap"]["replicates"] == 200
+    main = rep["methods"]["cdr (sum)"]
+    assert main["overall"]["acc"] == pytest.approx(_rewardbench(lines))
+    assert main["subsets"]["math-easy"]["n"] == 2
+    # --report-only reproduces the same report
+    rep_path.unlink()
+    r = _cdr("eval", inp, "-o", out, "--report-only", "--bootstrap", "200")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert orjson.loads(rep_path.read_bytes()) == rep
+
+
+def test_cdr_eval_per_section(
+    eval_run: tuple[Path, Path], tiny_registry: Path, tmp_path: Path
+) -> None:
+    inp, _ = eval_run
+    out = tmp_path / "sample.jsonl"
+    r = _cdr(
+        "eval",
+        inp,
+        "-o",
+        out,
+        "--models",
+        tiny_registry,
+        "--pair",
+        "tiny",
+        "--plain",
+        "--threads",
+        "1",
+        "--per-section",
+        "2",
+        "--bootstrap",
+        "20",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert Counter(o["section"] for o in lines) == {"Chat": 2, "Reasoning": 2, "Safety": 1}
+    rep = orjson.loads((tmp_path / "sample.report.json").read_bytes())
+    assert rep["n_pairs"] == 5
+    assert rep["methods"]["cdr (sum)"]["overall"]["acc"] == pytest.approx(_rewardbench(lines))
+    assert (
+        not (tmp_path / "sample.rejects.jsonl").exists()
+        or (tmp_path / "sample.rejects.jsonl").read_bytes() == b""
+    )
+
+
+def test_cdr_eval_report_errors_are_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "bad.jsonl"
+    rows = [
+        _output_line(ROWS[0]),
+        {**_output_line(ROWS[4]), "subset": "c-easy"},
+    ]  # c-easy in two sections
+    out.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in rows))
+    r = _cdr("eval", tmp_path / "unused.jsonl", "-o", out, "--report-only")
+    assert (
+        r.returncode == 2
+        and "subset 'c-easy' spans several sections" in r.stderr
+        and "Traceback" not in r.stderr
+    )
+    out.write_bytes(orjson.dumps({"id": "x", "scores": [], "input_format": "responses"}) + b"\n")
+    r = _cdr("eval", tmp_path / "unused.jsonl", "-o", out, "--report-only")
+    assert r.returncode == 2 and "no labelled pairs" in r.stderr
+    r = _cdr("eval", tmp_path / "unused.jsonl", "-o", tmp_path / "missing.jsonl", "--report-only")
+    assert r.returncode == 2 and "no output to report on" in r.stderr
