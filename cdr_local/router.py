@@ -3,11 +3,12 @@
 * ``model`` (default when the profile has several domains): zero-shot with the
   strong model.  One classification prompt lists the domains with their
   descriptions; each domain's name is scored as the assistant's complete
-  answer (its tokens plus end-of-turn).  Small models favour some labels
-  whatever the request, so each label's score on a content-free request
-  ("N/A") is subtracted first (contextual calibration, Zhao et al. 2021,
-  arXiv 2102.09690); the highest calibrated score wins.  One short decode per
-  prompt (the label continuations share it), no sampling.
+  answer (its tokens plus end-of-turn) and the most likely one wins.  One
+  short decode per prompt (the label continuations share it), no sampling.
+  ``calibrate=True`` subtracts each label's score on a content-free request
+  (contextual calibration, Zhao et al. 2021); measured on dev prompts with
+  SmolLM2-135M it routed worse (19/60 vs 26/60), so it is off by default
+  (benchmarks/route_accuracy.py).
 * ``keywords``: counts the domain's keywords in the prompt (whole words,
   case-insensitive); most hits wins, ties go to the default domain.
 * ``none``: always the default domain.
@@ -83,7 +84,7 @@ def classification_messages(profile: Profile, messages: Sequence[Message]) -> li
 class ModelRouter:
     name = "model"
 
-    def __init__(self, profile: Profile, side: ChatSide, calibrate: bool = True) -> None:
+    def __init__(self, profile: Profile, side: ChatSide, calibrate: bool = False) -> None:
         self.profile = profile
         self.side = side
         self.labels = list(profile.domains)

@@ -166,7 +166,7 @@ def cdr() -> Profile:
 
 @pytest.fixture(scope="module")
 def router(pair: LoadedPair, cdr: Profile) -> ModelRouter:
-    return ModelRouter(cdr, pair.router_side())
+    return ModelRouter(cdr, pair.router_side(), calibrate=True)
 
 
 def test_model_router_returns_a_domain(router: ModelRouter, cdr: Profile) -> None:
@@ -193,7 +193,7 @@ def test_model_router_scores_match_an_independent_computation(
     (prior,) = side.score(classification_messages(cdr, user("N/A")), ["safety"])
     assert raw.n_tokens >= 2  # the label's tokens plus end-of-turn
     assert router.scores(msgs)["safety"] == pytest.approx(raw.logprob - prior.logprob, abs=1e-5)
-    uncal = ModelRouter(cdr, side, calibrate=False)
+    uncal = ModelRouter(cdr, side)  # the default: no calibration (measured better)
     assert uncal.prior == dict.fromkeys(cdr.domains, 0.0)
     raw_all = side.score(classification_messages(cdr, msgs), list(cdr.domains))
     assert uncal.scores(msgs) == pytest.approx(
