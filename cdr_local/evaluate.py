@@ -47,6 +47,29 @@ class EvalPair:
     domain: str | None = None
 
 
+LC_METHOD = "cdr (sum, LC)"
+
+
+def with_length_control(pairs: list[EvalPair], tau: float = 1.0) -> tuple[list[EvalPair], dict[str, float]]:
+    """Add the length-controlled density ratio as a method.
+
+    Fits AlpacaEval-LC's GLM to the annotator's own margins in input order
+    (a = chosen, b = rejected; the labels are not used), removes the length
+    term, and scores a pair right iff the length-controlled margin is > 0.
+    """
+    from .lc import fit_length_control
+
+    m_ab = np.array([p.values[MAIN][0] - p.values[MAIN][1] for p in pairs])
+    dlen = np.array([p.values["longer wins"][1] - p.values["longer wins"][0] for p in pairs])
+    lc = fit_length_control(m_ab, dlen, tau=tau)
+    out = []
+    for p, m, d in zip(pairs, m_ab, dlen, strict=True):
+        vals = dict(p.values)
+        vals[LC_METHOD] = (lc.adjust(float(m), float(d)), 0.0)
+        out.append(EvalPair(p.id, p.subset, p.section, vals, p.domain))
+    return out, {"phi": lc.phi, "theta": lc.theta, "std_dlen": lc.std_dlen, "tau": tau}
+
+
 def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> set[int]:
     """Line numbers of a stratified random sample: ``per_section`` pairs from each
     section (all of a smaller section), chosen by a seeded reservoir -- one pass,
@@ -149,7 +172,7 @@ def report(pairs: Iterable[EvalPair], *, n_boot: int = 1000, seed: int = 0) -> d
         "bootstrap": {"replicates": n_boot, "seed": seed, "ci": 0.95},
         "methods": {},
     }
-    for m in METHODS:
+    for m in plist[0].values:  # METHODS, plus any extra the caller added (e.g. length-controlled)
         ch = np.array([p.values[m][0] for p in plist], dtype=np.float64)
         rj = np.array([p.values[m][1] for p in plist], dtype=np.float64)
         correct = (ch > rj).astype(np.float64)
@@ -187,16 +210,16 @@ def report_table(rep: dict[str, Any]) -> Any:
     t = Table(title=f"accuracy on {rep['n_pairs']} labelled pairs (95% bootstrap CI)", title_justify="left")
     t.add_column("section")
     t.add_column("n", justify="right")
-    for m in METHODS:
-        t.add_column(m, justify="right")
     methods = rep["methods"]
+    for m in methods:
+        t.add_column(m, justify="right")
 
     def cell(d: dict[str, Any]) -> str:
         return f"{100 * d['acc']:.1f} ({100 * d['ci'][0]:.0f}-{100 * d['ci'][1]:.0f})"
 
     for s, n in rep["sections"].items():
-        t.add_row(s, str(n), *(cell(methods[m]["sections"][s]) for m in METHODS))
-    t.add_row("overall", str(rep["n_pairs"]), *(cell(methods[m]["overall"]) for m in METHODS), style="bold")
+        t.add_row(s, str(n), *(cell(methods[m]["sections"][s]) for m in methods))
+    t.add_row("overall", str(rep["n_pairs"]), *(cell(methods[m]["overall"]) for m in methods), style="bold")
     return t
 
 

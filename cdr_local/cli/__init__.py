@@ -25,10 +25,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from . import annotate, eval, models, profiles, score
+    from . import annotate, eval, lc, models, profiles, score, winrate
 
     app.command("annotate")(annotate.annotate)
     app.command("eval")(eval.eval_)
+    app.command("winrate")(winrate.winrate)
+    app.command("lc")(lc.lc)
     app.command("score")(score.score)
     app.add_typer(models.app, name="models")
     app.add_typer(profiles.app, name="profiles")

@@ -49,6 +49,7 @@ def eval_(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates for the 95% intervals.")] = 1000,
     per_section: Annotated[int | None, typer.Option("--per-section", help="Score a stratified random sample of this many pairs per section (seeded).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of --per-section sampling.")] = 0,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit the temperature tau of P = sigmoid(margin / tau) on these pairs (for winrate --tau).")] = False,
     report_only: Annotated[bool, typer.Option("--report-only", help="Do not score: report on an existing output.")] = False,
     threads: ThreadsOpt = None,
     n_ctx: NCtxOpt = None,
@@ -66,11 +67,22 @@ def eval_(
     and the density ratio with sum and with mean.  Scoring is annotate's
     pipeline: streaming, --resume, rejects.
     """
+    import numpy as np
     import orjson
     from rich.console import Console
 
     from ..errors import CdrError
-    from ..evaluate import pairs_from_output, plot, report, report_table, sample_lines, subset_table
+    from ..evaluate import (
+        MAIN,
+        pairs_from_output,
+        plot,
+        report,
+        report_table,
+        sample_lines,
+        subset_table,
+        with_length_control,
+    )
+    from ..lc import fit_tau
     from .options import engine_overrides
 
     if output == "-":
@@ -90,10 +102,22 @@ def eval_(
     if not Path(output).exists():
         raise CdrError(f"no output to report on: {output}")
     pairs = list(pairs_from_output(output))
+    length: dict[str, float] = {}
     try:
+        if len(pairs) >= 3:
+            pairs, length = with_length_control(pairs)
         rep = report(pairs, n_boot=bootstrap)
     except ValueError as e:
         raise CdrError(str(e)) from None
+    if length:
+        length["longer_wins_rate"] = float(np.mean([p.values["longer wins"][0] > p.values["longer wins"][1] for p in pairs]))
+        rep["length_control"] = length
+    if calibrate:
+        try:
+            rep["tau"] = fit_tau(np.array([p.values[MAIN][0] - p.values[MAIN][1] for p in pairs]))
+        except ValueError as e:
+            rep["tau"] = None
+            rep["tau_error"] = str(e)
     meta_path = Path(output + ".meta.json")
     if meta_path.exists():
         meta = orjson.loads(meta_path.read_bytes())
@@ -108,6 +132,15 @@ def eval_(
     console.print(report_table(rep))
     if not quiet:
         console.print(subset_table(rep))
+    if length:
+        console.print(
+            f"length: the annotator's length coefficient phi = {length['phi']:+.3f} "
+            f"(negative = prefers the longer response); the longer response is chosen in {100 * length['longer_wins_rate']:.1f}% of these pairs"
+        )
+    if rep.get("tau"):
+        console.print(f"calibrated tau = {rep['tau']:.3f}  (use: cdr winrate --tau {rep['tau']:.3f})")
+    elif "tau_error" in rep:
+        console.print(f"no temperature fitted: {rep['tau_error']}")
     png = rep_path[: -len(".json")] + ".png"
     drew = plot(rep, pairs, png)
     console.print(f"report: {rep_path}" + (f"  plot: {png}" if drew else "  (plot: pip install 'cdr-local\\[plot]')"))
