@@ -1,0 +1,118 @@
+"""cdr winrate and cdr lc end to end on tiny models, checked against recomputation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from cdr_local.lc import fit_length_control, lc_win_rate, sigmoid
+from cdr_local.winrate import instruction_id, load_outputs, select_instructions, spearman
+
+CDR = [sys.executable, "-c", "from cdr_local.cli import main; main()"]
+
+INSTRUCTIONS = [f"Question {i}: tell me about topic {i}." for i in range(12)]
+
+
+def _write_alpaca(path: Path, gen: str, length: int, shift: int) -> None:
+    rows = [
+        {"instruction": ins, "output": (f"Answer {i + shift} about the topic. " * (1 + (i + length) % 5)).strip(), "generator": gen, "dataset": "x"}
+        for i, ins in enumerate(INSTRUCTIONS)
+    ]
+    path.write_text(json.dumps(rows))
+
+
+def test_load_outputs_json_list_and_jsonl(tmp_path: Path) -> None:
+    _write_alpaca(tmp_path / "a.json", "a", 1, 0)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"instruction": s, "output": "o"}) for s in INSTRUCTIONS[:3]) + "\n")
+    assert list(load_outputs(tmp_path / "a.json")) == INSTRUCTIONS
+    assert load_outputs(tmp_path / "b.jsonl") == dict.fromkeys(INSTRUCTIONS[:3], "o")
+
+
+def test_select_instructions_is_seeded_and_ordered() -> None:
+    base = {s: "x" for s in INSTRUCTIONS}
+    a = select_instructions(base, 5, seed=0)
+    assert a == select_instructions(base, 5, seed=0) and len(a) == 5
+    assert a == [s for s in INSTRUCTIONS if s in a]  # baseline order kept
+    assert select_instructions(base, None) == INSTRUCTIONS
+
+
+def test_spearman() -> None:
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 4], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+
+
+def _rewards(path: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["id"]: r["scores"][0]["reward"] for r in rows}
+
+
+def test_winrate_cli_matches_recomputation(tmp_path: Path, tiny_registry: Path) -> None:
+    _write_alpaca(tmp_path / "base.json", "base", 0, 0)
+    _write_alpaca(tmp_path / "m1.json", "m1", 2, 1)
+    _write_alpaca(tmp_path / "m2.json", "m2", 4, 7)
+    _write_alpaca(tmp_path / "m3.json", "m3", 1, 3)
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"m1": 30.0, "m2": 20.0, "m3": 10.0}))
+    out = tmp_path / "wr"
+    args = [*CDR, "winrate", "-m", str(tmp_path / "m1.json"), "-m", str(tmp_path / "m2.json"), "-m", str(tmp_path / "m3.json"),
+            "-b", str(tmp_path / "base.json"), "-o", str(out), "--models", str(tiny_registry), "--instructions", "10",
+            "--reference", str(ref), "--quiet", "--tau", "2"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "winrate.json").read_text())
+    assert rep["instructions"] == 10 and rep["tau"] == 2
+    chosen = select_instructions(load_outputs(tmp_path / "base.json"), 10, 0)
+    base_r = _rewards(out / "baseline.scores.jsonl")
+    base = load_outputs(tmp_path / "base.json")
+    for m in rep["models"]:
+        outs = load_outputs(tmp_path / f"{m['name']}.json")
+        mr = _rewards(out / f"{m['name']}.scores.jsonl")
+        p = np.array([sigmoid((mr[instruction_id(s)] - base_r[instruction_id(s)]) / 2) for s in chosen])
+        dlen = np.array([len(base[s]) - len(outs[s]) for s in chosen], dtype=float)
+        want = lc_win_rate(p, dlen, n_boot=0)
+        assert m["n"] == 10
+        assert m["win_rate"] == pytest.approx(100 * p.mean(), abs=1e-9)
+        assert m["lc_win_rate"] == pytest.approx(want.lc_win_rate, abs=1e-9)
+        assert m["phi"] == pytest.approx(want.phi, abs=1e-9)
+    lcs = [m["lc_win_rate"] for m in rep["models"]]
+    assert lcs == sorted(lcs, reverse=True)  # leaderboard order
+    assert "spearman_lc_vs_reference" in rep
+    # a rerun resumes: nothing is rescored, same report
+    r2 = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 0
+    assert json.loads((out / "winrate.json").read_text())["models"] == rep["models"]
+
+
+def test_lc_cli_writes_debiased_labels(tmp_path: Path, tiny_registry: Path) -> None:
+    rows = [{"id": str(i), "prompt": f"Say something about {i}.", "response_a": "Short." if i % 2 else "A much longer answer " * (1 + i % 4),
+             "response_b": "Another answer, of middling length." * (1 + i % 3)} for i in range(10)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ann = tmp_path / "ann.jsonl"
+    r = subprocess.run([*CDR, "annotate", str(inp), "-o", str(ann), "--models", str(tiny_registry), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "ann.lc.jsonl"
+    r = subprocess.run([*CDR, "lc", str(ann), "-o", str(out), "--tau", "1.5"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    recs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert len(recs) == 10
+    m_ab = np.array([x["scores"][0]["reward"] - x["scores"][1]["reward"] for x in recs])
+    dlen = np.array([x["scores"][1]["chars"] - x["scores"][0]["chars"] for x in recs], dtype=float)
+    fit = fit_length_control(m_ab, dlen, tau=1.5)
+    meta = json.loads(Path(str(out) + ".lc.json").read_text())
+    assert meta["phi"] == pytest.approx(fit.phi, abs=1e-9) and meta["records"] == 10
+    for x, m, d in zip(recs, m_ab, dlen, strict=True):
+        assert x["prob"] == pytest.approx(float(sigmoid(m / 1.5)))
+        assert x["lc_margin"] == pytest.approx(m - 1.5 * fit.phi * np.tanh(d / fit.std_dlen))
+        assert x["lc_prob"] == pytest.approx(float(sigmoid(x["lc_margin"] / 1.5)))
+        assert x["lc_label"] == ("response_a" if x["lc_margin"] > 0 else "response_b")
+    # user errors: one line, exit 2
+    r = subprocess.run([*CDR, "lc", str(ann), "-o", str(ann)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("cdr: error:") and "Traceback" not in r.stderr
