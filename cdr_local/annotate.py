@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # keys the output owns; input fields with these names are kept as input_<key>
 OUTPUT_KEYS = {
     "id", "prompt", "chosen", "rejected", "margin", "margin_mean", "label", "tie", "agree",
-    "scores", "truncated", "input_format", "line", "domain", "domain_source",
+    "scores", "truncated", "input_format", "line", "domain", "domain_source", "responses",
 }
 
 
@@ -30,6 +30,8 @@ def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str,
     """The output line for one record, and the stats the progress display shows."""
     j = judge(scores)
     obj: dict[str, Any] = {"id": record.id, "prompt": record.prompt_raw}
+    if record.fmt == "responses":  # keep every text: `cdr pairs` reads them back
+        obj["responses"] = [_as_response(record, r) for r in record.responses]
     n = len(scores)
     if n >= 2:
         obj["chosen"] = _as_response(record, record.responses[j.best])

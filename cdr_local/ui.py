@@ -35,6 +35,8 @@ class RunDisplay:
         self.first = 0.0
         self.first_n = 0
         self.rejects = 0
+        self.sim_sum = 0.0
+        self.sim_n = 0
         self.total: int | None = None
         self.t0 = time.perf_counter()
         self._last_log = self.t0
@@ -85,6 +87,9 @@ class RunDisplay:
         if "first_wins" in stats:
             self.first += stats["first_wins"]
             self.first_n += 1
+        if "similarity" in stats:
+            self.sim_sum += stats["similarity"]
+            self.sim_n += 1
         self._update()
 
     def reject(self, reject: Reject) -> None:
@@ -99,6 +104,8 @@ class RunDisplay:
             parts.append(f"mean margin {self.margin_sum / self.margin_n:+.2f}")
         if self.first_n:
             parts.append(f"first wins {100 * self.first / self.first_n:.0f}%")
+        if self.sim_n:
+            parts.append(f"mean similarity {self.sim_sum / self.sim_n:.3f}")
         if self.rejects:
             parts.append(f"rejects {self.rejects}")
         return rate, "  ".join(parts)
@@ -122,6 +129,8 @@ class RunDisplay:
         if self.quiet:
             return
         self.console.print(summary_table(s))
+        if self.sim_n:
+            self.console.print(f"mean similarity (cosine) of kept pairs: {self.sim_sum / self.sim_n:.4f}")
         if s.interrupted:
             self.console.print("[yellow]interrupted[/]: everything written so far is valid; rerun with --resume to continue")
 

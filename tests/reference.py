@@ -55,3 +55,58 @@ def brute_logprobs(path: str, context: list[int], continuation: list[int], n_thr
         ll.llama_batch_free(batch)
         ll.llama_free(ctx)
         ll.llama_model_free(model)
+
+
+def brute_embedding(path: str, tokens: list[int], skip_first: bool, n_threads: int = 1) -> np.ndarray:
+    """Mean of the final hidden states of ``tokens`` (BOS included by the caller
+    where the model uses one), independent of the engine's code.
+
+    A fresh context with per-token embeddings (no pooling); the whole sequence
+    in ONE llama_decode with an output at every position; the rows read one by
+    one with ``llama_get_embeddings_ith``; the mean over the positions (the
+    first skipped if ``skip_first``: the BOS) in float64.
+    """
+    import llama_cpp as ll
+
+    seq = list(tokens)
+    n = len(seq)
+    assert n > (1 if skip_first else 0)
+    mp = ll.llama_model_default_params()
+    mp.use_extra_bufts = False
+    model = ll.llama_model_load_from_file(str(path).encode(), mp)
+    assert model, path
+    cp = ll.llama_context_default_params()
+    size = max(64, n + 8)
+    cp.n_ctx = size
+    cp.n_batch = size
+    cp.n_ubatch = size
+    cp.n_seq_max = 1
+    cp.n_threads = n_threads
+    cp.n_threads_batch = n_threads
+    cp.flash_attn_type = 0
+    cp.embeddings = True
+    cp.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE: one vector per token
+    ctx = ll.llama_init_from_model(model, cp)
+    assert ctx
+    batch = ll.llama_batch_init(n, 0, 1)
+    try:
+        for i, t in enumerate(seq):
+            batch.token[i] = t
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = n
+        assert ll.llama_decode(ctx, batch) == 0
+        n_embd = ll.llama_model_n_embd(model)
+        rows = []
+        for i in range(1 if skip_first else 0, n):
+            ptr = ll.llama_get_embeddings_ith(ctx, i)
+            assert ptr, i
+            row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_embd,))
+            rows.append(row.astype(np.float64))
+        return np.mean(rows, axis=0)
+    finally:
+        ll.llama_batch_free(batch)
+        ll.llama_free(ctx)
+        ll.llama_model_free(model)

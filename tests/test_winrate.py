@@ -116,3 +116,18 @@ def test_lc_cli_writes_debiased_labels(tmp_path: Path, tiny_registry: Path) -> N
     # user errors: one line, exit 2
     r = subprocess.run([*CDR, "lc", str(ann), "-o", str(ann)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("cdr: error:") and "Traceback" not in r.stderr
+
+
+def test_best_of_n_example_script(tmp_path: Path, tiny_registry: Path) -> None:
+    """examples/best_of_n.sh: responses -> annotate -> pairs -> a file datasets loads."""
+    pytest.importorskip("datasets")
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "CDR_MODELS": str(tiny_registry), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    r = subprocess.run(["bash", str(root / "examples" / "best_of_n.sh"), str(tmp_path / "o")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dpo-cdr 4 rows" in r.stdout and "dpo-real" in r.stdout
+    assert "chosen" in r.stdout and "margin" in r.stdout

@@ -172,7 +172,13 @@ class LlamaModel:
     """
 
     def __init__(
-        self, path: str | Path, settings: EngineSettings, name: str | None = None, *, _weights: _Weights | None = None
+        self,
+        path: str | Path,
+        settings: EngineSettings,
+        name: str | None = None,
+        *,
+        embeddings: bool = False,
+        _weights: _Weights | None = None,
     ) -> None:
         self.path = Path(path)
         self.name = name or self.path.stem
@@ -200,7 +206,11 @@ class LlamaModel:
         cp.n_threads = settings.threads()
         cp.n_threads_batch = settings.threads()
         cp.no_perf = True
-        cp.embeddings = False
+        # embeddings: per-token final hidden states (after the output norm), no pooling
+        cp.embeddings = embeddings
+        cp.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE
+        self.embeddings = embeddings
+        self.n_embd = int(ll.llama_model_n_embd(model))
         # Flash attention changes numerics with the batch size (a different
         # kernel above 64 rows); the plain path is batch-size independent.
         cp.flash_attn_type = 1 if settings.flash_attn else 0
@@ -416,9 +426,32 @@ class LlamaModel:
         ll.llama_memory_seq_rm(self._mem, 0, P, -1)
 
     # --------------------------------------------------------------- cleanup
-    def sibling(self) -> LlamaModel:
+    def sibling(self, *, embeddings: bool = False) -> LlamaModel:
         """Another context on the same weights (see class docstring)."""
-        return LlamaModel(self.path, self.settings, self.name, _weights=self._weights)
+        return LlamaModel(self.path, self.settings, self.name, embeddings=embeddings, _weights=self._weights)
+
+    def hidden_states(self, tokens: list[int]) -> np.ndarray:
+        """Final-layer hidden states (after the output norm) of ``tokens`` decoded
+        alone from position 0: shape (len(tokens), n_embd), float32.
+
+        Needs a context made with ``embeddings=True``.  Chunked like scoring,
+        so the numbers depend on the tokens alone.
+        """
+        if not self.embeddings:
+            raise ValueError("this context was not created with embeddings=True")
+        ll = self._ll
+        toks = np.asarray(tokens[: self.n_ctx], dtype=np.int32)
+        ll.llama_memory_clear(self._mem, True)
+        self._cached_segments = []
+        self._cached_last_row = None
+        out = np.empty((len(toks), self.n_embd), dtype=np.float32)
+        for a, b in _spans(len(toks), self.n_chunk):
+            n = b - a
+            self._decode(toks[a:b], np.arange(a, b, dtype=np.int32), np.zeros(n, dtype=np.int32), np.ones(n, dtype=np.int8))
+            ptr = ll.llama_get_embeddings(self._ctx)
+            out[a:b] = np.ctypeslib.as_array(ptr, shape=(n, self.n_embd))
+        ll.llama_memory_clear(self._mem, True)
+        return out
 
     def close(self) -> None:
         ll = self._ll

@@ -1,0 +1,86 @@
+"""The pairs task: N responses -> one TRL preference pair, through the shared pipeline."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .pairs import NEEDS_EMBEDDINGS, SkipRecord, choose
+from .pipeline import RecordError
+from .records import Record
+
+if TYPE_CHECKING:
+    from .annotate import AnnotateTask
+    from .embed import Embedder
+
+
+def rewards_from_input(record: Record) -> list[float] | None:
+    """Rewards already in the record (an annotate output read back), in response order."""
+    sc = record.extra.get("scores")
+    if not isinstance(sc, list) or len(sc) != len(record.responses):
+        return None
+    try:
+        return [float(s["reward"]) for s in sc]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class PairsTask:
+    def __init__(
+        self,
+        strategy: str,
+        *,
+        scorer: AnnotateTask | None,
+        embedder: Embedder | None,
+        min_margin: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if strategy in NEEDS_EMBEDDINGS and embedder is None:
+            raise ValueError(f"strategy {strategy} needs an embedding model")
+        self.strategy = strategy
+        self.scorer = scorer
+        self.embedder = embedder
+        self.min_margin = min_margin
+        self.seed = seed
+
+    def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
+        rewards = rewards_from_input(record)
+        tokens = 0.0
+        if rewards is None:
+            if self.scorer is None:
+                raise RecordError("record has no rewards (scores) and no pair was given to score it")
+            scored, st = self.scorer.process(record)
+            rewards = [float(s["reward"]) for s in scored["scores"]]
+            tokens = st.get("tokens", 0.0)
+        emb = self.embedder.embed(record.responses) if (self.embedder is not None and self.strategy in NEEDS_EMBEDDINGS) else None
+        try:
+            c = choose(self.strategy, record.id, record.responses, rewards, emb, seed=self.seed)
+        except SkipRecord as e:
+            raise RecordError(f"skipped: {e}") from None
+        if self.min_margin is not None and c.margin < self.min_margin:
+            raise RecordError(f"skipped: margin {c.margin:.4f} below {self.min_margin}")
+        sim = c.similarity
+        if sim is None and self.embedder is not None:
+            e2 = self.embedder.embed([record.responses[c.chosen], record.responses[c.rejected]])
+            sim = float(np.dot(e2[0], e2[1]) / (np.linalg.norm(e2[0]) * np.linalg.norm(e2[1]) or 1.0))
+
+        def as_resp(text: str) -> Any:
+            return [{"role": "assistant", "content": text}] if record.conversational else text
+
+        obj: dict[str, Any] = {
+            "id": record.id,
+            "prompt": record.prompt_raw,
+            "chosen": as_resp(record.responses[c.chosen]),
+            "rejected": as_resp(record.responses[c.rejected]),
+            "margin": c.margin,
+            "strategy": self.strategy,
+            "chosen_index": c.chosen,
+            "rejected_index": c.rejected,
+            "rewards": rewards,
+            "similarity": sim,
+        }
+        stats = {"tokens": tokens, "margin": c.margin}
+        if sim is not None:
+            stats["similarity"] = sim
+        return obj, stats
