@@ -21,9 +21,18 @@ def rewards_from_input(record: Record) -> list[float] | None:
     if not isinstance(sc, list) or len(sc) != len(record.responses):
         return None
     try:
-        return [float(s["reward"]) for s in sc]
+        rewards = [float(s["reward"]) for s in sc]
     except (KeyError, TypeError, ValueError):
         return None
+    if record.fmt != "responses":
+        # annotate writes the winner of a chosen/rejected (or response_a/response_b)
+        # input as "chosen" but keeps "scores" in the input's order, named; "label"
+        # names the winner: when it was the second one, the texts read back are swapped
+        names = [s.get("response") if isinstance(s, dict) else None for s in sc]
+        label = record.extra.get("label")
+        if len(rewards) == 2 and isinstance(label, str) and label in names and names.index(label) == 1:
+            rewards.reverse()
+    return rewards
 
 
 class PairsTask:

@@ -83,6 +83,8 @@ def pairs(
         raise CdrError(f"input not found: {input}")
     if keep_dissimilar is not None and not 0 < keep_dissimilar <= 100:
         raise CdrError("--keep-dissimilar is a percentage in (0, 100]")
+    if keep_dissimilar is not None and input == "-":
+        raise CdrError("--keep-dissimilar reads the input twice: give a file, not stdin")
     overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
     reg = load_registry(models)
     needs_emb = strategy in NEEDS_EMBEDDINGS or keep_dissimilar is not None
