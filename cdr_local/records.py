@@ -262,3 +262,30 @@ def parse_line(raw: bytes, line: int) -> Record | Reject | None:
         rid = obj.get("id") if isinstance(obj, dict) else None
         ok_id = isinstance(rid, (str, int)) and not isinstance(rid, bool)
         return Reject(line, str(e), id=str(rid) if ok_id else None, text=snippet)
+
+
+def parse_prompt_line(raw: bytes, line: int) -> Record | Reject | None:
+    """A line that needs only a prompt (``cdr synth``): ``{prompt, id?}``; other fields pass through."""
+    if not raw.strip():
+        return None
+    snippet = raw[:200].decode("utf-8", "replace")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        return Reject(line, f"invalid JSON: {e}", text=snippet)
+    if not isinstance(obj, dict):
+        return Reject(line, "line is not a JSON object", text=snippet)
+    rid = obj.get("id")
+    if rid is not None and (not isinstance(rid, (str, int)) or isinstance(rid, bool)):
+        return Reject(line, "field 'id' must be a string or an integer", text=snippet)
+    try:
+        msgs, conv = _prompt_messages(_require(obj, "prompt"))
+    except InvalidRecord as e:
+        return Reject(line, str(e), id=str(rid) if rid is not None else None, text=snippet)
+    mt = tuple(msgs)
+    extra = {k: v for k, v in obj.items() if k not in {"id", "prompt"}}
+    return Record(
+        id=str(rid) if rid is not None else content_id(mt, ()),
+        line=line, messages=mt, responses=(), fmt="prompt", conversational=conv,
+        prompt_raw=obj["prompt"], extra=extra,
+    )

@@ -89,6 +89,11 @@ class ChatSide:
                 segments = (tok.context[:k], tok.context[k:])
         return Tokenized(tok.context, tok.continuations, tok.truncated, segments)
 
+    def context_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """The tokens the model reads before its answer (for generation)."""
+        split = split_template(self.template, with_system(messages, self.system), bos_token=self.bos_text, eos_token=self.eos_text)
+        return self._tokenize_prefix(split.prefix)
+
     def _tokenize_prefix(self, prefix: str) -> list[int]:
         m = self.model
         if m.add_bos and self.bos_text and prefix.startswith(self.bos_text):

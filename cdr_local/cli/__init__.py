@@ -25,13 +25,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from . import annotate, eval, lc, models, pairs, profiles, score, winrate
+    from . import annotate, eval, lc, models, pairs, profiles, score, synth, winrate
 
     app.command("annotate")(annotate.annotate)
     app.command("eval")(eval.eval_)
     app.command("winrate")(winrate.winrate)
     app.command("lc")(lc.lc)
     app.command("pairs")(pairs.pairs)
+    app.command("synth")(synth.synth)
     app.command("score")(score.score)
     app.add_typer(models.app, name="models")
     app.add_typer(profiles.app, name="profiles")

@@ -430,6 +430,47 @@ class LlamaModel:
         """Another context on the same weights (see class docstring)."""
         return LlamaModel(self.path, self.settings, self.name, embeddings=embeddings, _weights=self._weights)
 
+    def generate(
+        self,
+        context: tuple[int, ...],
+        *,
+        max_tokens: int,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        seed: int = 0,
+        on_token: Any = None,
+    ) -> list[int]:
+        """Sample a continuation of ``context`` (ends at an end-of-generation token,
+        which is included, or after ``max_tokens``).
+
+        Sampling is done in numpy from llama.cpp's logits with a generator seeded
+        by ``seed``: temperature, then nucleus (top-p); temperature 0 is greedy.
+        The same context, settings and seed give the same tokens.
+        """
+        row = self._decode_context((tuple(context),))
+        P = len(context)
+        rng = np.random.default_rng(seed)
+        out: list[int] = []
+        pos = P
+        try:
+            for _ in range(max_tokens):
+                t = _sample(row, rng, temperature, top_p)
+                out.append(t)
+                if on_token is not None:
+                    on_token()
+                if self.is_eog(t) or pos + 1 >= self.n_ctx:
+                    break
+                rows = self._decode(
+                    np.array([t], dtype=np.int32), np.array([pos], dtype=np.int32), np.zeros(1, dtype=np.int32), np.ones(1, dtype=np.int8)
+                )
+                assert rows is not None
+                row = np.array(rows[0], dtype=np.float32)
+                pos += 1
+        finally:
+            # back to "context only" in the cache, as the scoring paths expect
+            self._ll.llama_memory_seq_rm(self._mem, 0, P, -1)
+        return out
+
     def hidden_states(self, tokens: list[int]) -> np.ndarray:
         """Final-layer hidden states (after the output norm) of ``tokens`` decoded
         alone from position 0: shape (len(tokens), n_embd), float32.
@@ -476,6 +517,23 @@ class LlamaModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sample(row: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
+    """One token from a logits row: greedy at temperature 0, else temperature + top-p."""
+    if temperature <= 0:
+        return int(np.argmax(row))
+    z = row.astype(np.float64) / temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, top_p)) + 1]
+        q = p[keep] / p[keep].sum()
+        return int(keep[rng.choice(len(keep), p=q)])
+    return int(rng.choice(len(p), p=p))
 
 
 def _spans(n: int, n_batch: int) -> list[tuple[int, int]]:

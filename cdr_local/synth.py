@@ -1,0 +1,223 @@
+"""RMBoost: preference-conditional synthetic pairs (arXiv 2407.16008).
+
+For each prompt: generate response 1; *then* draw the label (is response 2
+better or worse?) and the quality aspects; then generate response 2 from a
+conditioning prompt that shows the request, response 1, the direction and the
+aspects.  The pair therefore differs on purpose, along the chosen aspects.
+Optionally a CDR pair verifies each pair (does the density ratio agree with
+the intended label?).  Every random choice is seeded per record, so a rerun or
+a resumed run reproduces the same pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .chat import Message
+from .errors import ConfigError
+from .pairs import record_rng
+from .pipeline import RecordError
+from .records import Record
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from .pair import LoadedPair
+    from .scoring import ChatSide
+
+SHIPPED_TEMPLATES = Path(__file__).resolve().parent / "synth.toml"
+OUTPUT_KEYS = {"id", "prompt", "chosen", "rejected", "margin", "label", "aspects", "response_1", "response_2",
+               "seeds", "generation", "verify"}
+
+
+@dataclass(frozen=True)
+class SynthTemplates:
+    aspects: tuple[str, ...]
+    n_aspects: int
+    response_system: str
+    conditioning_system: str
+    conditioning_user: str
+    better: str
+    worse: str
+    path: str = ""
+
+
+def load_templates(path: str | Path | None = None) -> SynthTemplates:
+    p = Path(path) if path else SHIPPED_TEMPLATES
+    try:
+        d = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read synth templates {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"synth templates {p}: invalid TOML: {e}") from None
+    need = {"aspects", "n_aspects", "response_system", "conditioning_system", "conditioning_user", "better", "worse"}
+    missing, unknown = need - set(d), set(d) - need
+    if missing or unknown:
+        raise ConfigError(f"synth templates {p}: " + "; ".join(
+            ([f"missing {', '.join(sorted(missing))}"] if missing else []) + ([f"unknown {', '.join(sorted(unknown))}"] if unknown else [])))
+    aspects = d["aspects"]
+    if not isinstance(aspects, list) or not aspects or not all(isinstance(a, str) and a for a in aspects):
+        raise ConfigError(f"synth templates {p}: aspects must be a non-empty list of strings")
+    n = d["n_aspects"]
+    if not isinstance(n, int) or not 1 <= n <= len(aspects):
+        raise ConfigError(f"synth templates {p}: n_aspects must be between 1 and {len(aspects)}")
+    for k in ("{prompt}", "{response1}", "{direction}", "{aspects}"):
+        if k not in d["conditioning_user"]:
+            raise ConfigError(f"synth templates {p}: conditioning_user must contain {k}")
+    return SynthTemplates(tuple(aspects), n, str(d["response_system"]), str(d["conditioning_system"]),
+                          str(d["conditioning_user"]), str(d["better"]), str(d["worse"]), str(p))
+
+
+def prompt_text(record: Record) -> str:
+    """The request as the conditioning prompt shows it: the last user turn."""
+    users = [m.content for m in record.messages if m.role == "user"]
+    return users[-1] if users else ""
+
+
+def draw(record_id: str, seed: int, t: SynthTemplates) -> tuple[str, list[str]]:
+    """The label (is response 2 'better' or 'worse'?) and the aspects, seeded per record."""
+    rng = record_rng(record_id, seed)
+    label = rng.choice(["better", "worse"])
+    aspects = rng.sample(list(t.aspects), t.n_aspects)
+    return label, aspects
+
+
+def response1_messages(t: SynthTemplates, record: Record) -> list[Message]:
+    msgs = list(record.messages)
+    if t.response_system and not (msgs and msgs[0].role == "system"):
+        msgs = [Message("system", t.response_system), *msgs]
+    return msgs
+
+
+def conditioning_messages(t: SynthTemplates, prompt: str, response1: str, label: str, aspects: list[str]) -> list[Message]:
+    """The messages that ask for response 2 (documented in synth.toml)."""
+    user = t.conditioning_user.format(
+        prompt=prompt, response1=response1, direction=t.better if label == "better" else t.worse, aspects=" and ".join(aspects)
+    )
+    msgs = [Message("user", user)]
+    if t.conditioning_system:
+        msgs.insert(0, Message("system", t.conditioning_system))
+    return msgs
+
+
+def gen_seed(record_id: str, seed: int, which: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{record_id}:{which}".encode()).digest()[:8], "little")
+
+
+class SynthTask:
+    def __init__(
+        self,
+        side: ChatSide,
+        templates: SynthTemplates,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        seed: int = 0,
+        verifier: LoadedPair | None = None,
+        keep: str = "all",
+    ) -> None:
+        self.side = side
+        self.t = templates
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.verifier = verifier
+        self.keep = keep
+        self.generated = 0
+
+    def generation_settings(self) -> dict[str, Any]:
+        return {"model": self.side.model.name, "temperature": self.temperature, "top_p": self.top_p,
+                "max_tokens": self.max_tokens, "seed": self.seed, "templates": self.t.path}
+
+    def _generate(self, messages: list[Message], seed: int) -> tuple[str, int]:
+        m = self.side.model
+        ctx = self.side.context_tokens(messages)
+        room = m.n_ctx - len(ctx) - 1
+        if room < 8:
+            raise RecordError("prompt too long to generate a response in n_ctx")
+        toks = m.generate(tuple(ctx), max_tokens=min(self.max_tokens, room), temperature=self.temperature, top_p=self.top_p, seed=seed)
+        body = toks[:-1] if toks and m.is_eog(toks[-1]) else toks
+        return m.detokenize(body).strip(), len(toks)
+
+    def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
+        s1, s2 = gen_seed(record.id, self.seed, "r1"), gen_seed(record.id, self.seed, "r2")
+        r1, n1 = self._generate(response1_messages(self.t, record), s1)
+        if not r1:
+            raise RecordError("skipped: response 1 came out empty")
+        label, aspects = draw(record.id, self.seed, self.t)
+        r2, n2 = self._generate(conditioning_messages(self.t, prompt_text(record), r1, label, aspects), s2)
+        if not r2:
+            raise RecordError("skipped: response 2 came out empty")
+        if r2 == r1:
+            raise RecordError("skipped: response 2 is identical to response 1")
+        chosen, rejected = (r2, r1) if label == "better" else (r1, r2)
+        obj: dict[str, Any] = {
+            "id": record.id,
+            "prompt": record.prompt_raw,
+            "chosen": [{"role": "assistant", "content": chosen}] if record.conversational else chosen,
+            "rejected": [{"role": "assistant", "content": rejected}] if record.conversational else rejected,
+            "margin": None,
+            "label": label,
+            "aspects": aspects,
+            "response_1": r1,
+            "response_2": r2,
+            "seeds": {"response_1": s1, "response_2": s2, "label": self.seed},
+            "generation": self.generation_settings(),
+        }
+        stats: dict[str, float] = {"tokens": float(n1 + n2)}
+        if self.verifier is not None:
+            sc = self.verifier.score(record.messages, [r1, r2])
+            rw1, rw2 = sc[0].reward, sc[1].reward
+            agree = (rw2 > rw1) if label == "better" else (rw2 < rw1)
+            obj["verify"] = {"pair": self.verifier.spec.name, "reward_1": rw1, "reward_2": rw2, "agree": agree}
+            obj["margin"] = (rw2 - rw1) if label == "better" else (rw1 - rw2)
+            if self.keep == "agree" and not agree:
+                raise RecordError(f"skipped: the density ratio disagrees with the intended label ({label})")
+            stats["margin"] = float(obj["margin"])
+        for k, v in record.extra.items():
+            if k in {"chosen", "rejected", "response_a", "response_b", "responses"}:
+                continue
+            obj[f"input_{k}" if k in OUTPUT_KEYS else k] = v
+        return obj, stats
+
+
+def agreement_report(path: str | Path) -> dict[str, Any]:
+    """Agreement of the verifier with the intended labels, overall, per aspect and per label."""
+    import orjson
+
+    tot = [0, 0]
+    per_aspect: dict[str, list[int]] = {}
+    per_label: dict[str, list[int]] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            o = orjson.loads(line)
+            v = o.get("verify")
+            if not v:
+                continue
+            a = int(bool(v["agree"]))
+            tot[0] += a
+            tot[1] += 1
+            for asp in o.get("aspects", []):
+                per_aspect.setdefault(asp, [0, 0])
+                per_aspect[asp][0] += a
+                per_aspect[asp][1] += 1
+            lab = per_label.setdefault(str(o.get("label")), [0, 0])
+            lab[0] += a
+            lab[1] += 1
+
+    def rate(x: list[int]) -> dict[str, Any]:
+        return {"agree": x[0], "n": x[1], "rate": x[0] / x[1] if x[1] else None}
+
+    return {"overall": rate(tot), "per_aspect": {k: rate(v) for k, v in sorted(per_aspect.items())},
+            "per_label": {k: rate(v) for k, v in sorted(per_label.items())}}
