@@ -21,21 +21,16 @@ OUTPUT_KEYS = {
 }
 
 
-def _as_response(record: Record, text: str) -> Any:
-    """TRL form: a string, or [{role: assistant, content}] when the input was conversational."""
-    return [{"role": "assistant", "content": text}] if record.conversational else text
-
-
 def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str, Any], dict[str, float]]:
     """The output line for one record, and the stats the progress display shows."""
     j = judge(scores)
     obj: dict[str, Any] = {"id": record.id, "prompt": record.prompt_raw}
     if record.fmt == "responses":  # keep every text: `cdr pairs` reads them back
-        obj["responses"] = [_as_response(record, r) for r in record.responses]
+        obj["responses"] = [record.as_response(r) for r in record.responses]
     n = len(scores)
     if n >= 2:
-        obj["chosen"] = _as_response(record, record.responses[j.best])
-        obj["rejected"] = _as_response(record, record.responses[j.worst])
+        obj["chosen"] = record.as_response(record.responses[j.best])
+        obj["rejected"] = record.as_response(record.responses[j.worst])
         obj["margin"] = j.margin
         obj["margin_mean"] = j.margin_mean
         obj["label"] = "tie" if j.tie else record.response_name(j.best)

@@ -74,14 +74,11 @@ class PairsTask:
             e2 = self.embedder.embed([record.responses[c.chosen], record.responses[c.rejected]])
             sim = float(np.dot(e2[0], e2[1]) / (np.linalg.norm(e2[0]) * np.linalg.norm(e2[1]) or 1.0))
 
-        def as_resp(text: str) -> Any:
-            return [{"role": "assistant", "content": text}] if record.conversational else text
-
         obj: dict[str, Any] = {
             "id": record.id,
             "prompt": record.prompt_raw,
-            "chosen": as_resp(record.responses[c.chosen]),
-            "rejected": as_resp(record.responses[c.rejected]),
+            "chosen": record.as_response(record.responses[c.chosen]),
+            "rejected": record.as_response(record.responses[c.rejected]),
             "margin": c.margin,
             "strategy": self.strategy,
             "chosen_index": c.chosen,

@@ -50,6 +50,10 @@ class Record:
     prompt_raw: Any  # the prompt exactly as given (echoed in the output)
     extra: dict[str, Any] = field(default_factory=dict)  # other input fields, passed through
 
+    def as_response(self, text: str) -> Any:
+        """A response in TRL's form: the string, or [{role: assistant, content}] when the input was conversational."""
+        return [{"role": "assistant", "content": text}] if self.conversational else text
+
     def response_name(self, i: int) -> str:
         if self.fmt in RESPONSE_FIELDS:
             return RESPONSE_FIELDS[self.fmt][i]

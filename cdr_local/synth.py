@@ -163,8 +163,8 @@ class SynthTask:
         obj: dict[str, Any] = {
             "id": record.id,
             "prompt": record.prompt_raw,
-            "chosen": [{"role": "assistant", "content": chosen}] if record.conversational else chosen,
-            "rejected": [{"role": "assistant", "content": rejected}] if record.conversational else rejected,
+            "chosen": record.as_response(chosen),
+            "rejected": record.as_response(rejected),
             "margin": None,
             "label": label,
             "aspects": aspects,

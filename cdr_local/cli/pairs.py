@@ -202,11 +202,8 @@ class _DissimilarTask:
         if sim > self.threshold:
             raise RecordError(f"skipped: similarity {sim:.4f} above the kept share's threshold {self.threshold:.4f}")
 
-        def as_resp(text: str) -> Any:
-            return [{"role": "assistant", "content": text}] if record.conversational else text
-
-        obj = {"id": record.id, "prompt": record.prompt_raw, "chosen": as_resp(record.responses[0]),
-               "rejected": as_resp(record.responses[1]), "similarity": sim, "strategy": "keep-dissimilar"}
+        obj = {"id": record.id, "prompt": record.prompt_raw, "chosen": record.as_response(record.responses[0]),
+               "rejected": record.as_response(record.responses[1]), "similarity": sim, "strategy": "keep-dissimilar"}
         return obj, {"similarity": sim}
 
 
