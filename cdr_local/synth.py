@@ -65,12 +65,27 @@ def load_templates(path: str | Path | None = None) -> SynthTemplates:
     aspects = d["aspects"]
     if not isinstance(aspects, list) or not aspects or not all(isinstance(a, str) and a for a in aspects):
         raise ConfigError(f"synth templates {p}: aspects must be a non-empty list of strings")
+    if len(set(aspects)) != len(aspects):
+        raise ConfigError(f"synth templates {p}: aspects must be distinct")
     n = d["n_aspects"]
-    if not isinstance(n, int) or not 1 <= n <= len(aspects):
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(aspects):
         raise ConfigError(f"synth templates {p}: n_aspects must be between 1 and {len(aspects)}")
-    for k in ("{prompt}", "{response1}", "{direction}", "{aspects}"):
-        if k not in d["conditioning_user"]:
-            raise ConfigError(f"synth templates {p}: conditioning_user must contain {k}")
+    for k in ("response_system", "conditioning_system", "conditioning_user", "better", "worse"):
+        if not isinstance(d[k], str):
+            raise ConfigError(f"synth templates {p}: {k} must be a string")
+    # fill the template once with markers: a stray brace or an unknown placeholder
+    # is a config error now, not a traceback at the first record
+    probe = {k: f"\x00{k}\x00" for k in ("prompt", "response1", "direction", "aspects")}
+    try:
+        filled = d["conditioning_user"].format(**probe)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise ConfigError(
+            f"synth templates {p}: conditioning_user: bad placeholder or stray brace ({e!s}); "
+            "the placeholders are {prompt}, {response1}, {direction}, {aspects}; write a literal brace as {{ or }}"
+        ) from None
+    for k, v in probe.items():
+        if v not in filled:
+            raise ConfigError(f"synth templates {p}: conditioning_user must contain {{{k}}}")
     return SynthTemplates(tuple(aspects), n, str(d["response_system"]), str(d["conditioning_system"]),
                           str(d["conditioning_user"]), str(d["better"]), str(d["worse"]), str(p))
 

@@ -258,12 +258,16 @@ class LlamaModel:
         n = self._ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
-    def token_text(self, token: int) -> str:
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (a UTF-8 character may span several tokens)."""
         if token < 0:
-            return ""
+            return b""
         buf = ctypes.create_string_buffer(256)
         n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+        return buf.raw[: max(n, 0)]
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
         return bool(self._ll.llama_vocab_is_eog(self._vocab, token))
@@ -289,7 +293,8 @@ class LlamaModel:
         return list(buf[:n])
 
     def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.token_text(t).encode("utf-8", "surrogateescape") for t in tokens).decode("utf-8", "replace")
+        """Join the tokens' bytes, then decode once (so split characters survive)."""
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
 
     # ---------------------------------------------------------------- decode
     def _decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray) -> np.ndarray | None:
