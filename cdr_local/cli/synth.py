@@ -22,6 +22,7 @@ def synth(
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.95,
     seed: Annotated[int, typer.Option("--seed", help="Global seed; each record's seeds derive from it and the record id.")] = 0,
+    per_section: Annotated[int | None, typer.Option("--per-section", help="Use a seeded stratified sample of this many prompts per section (like cdr eval).")] = None,
     models: ModelsOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
@@ -97,8 +98,21 @@ def synth(
             numerics.update({f"verify.{k}": v for k, v in verifier.numerics().items()})
         cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
                         meta=meta, numerics=numerics, limit=limit)
+        parse: Any = parse_prompt_line
+        if per_section is not None:
+            from ..evaluate import sample_lines
+
+            if input == "-":
+                raise CdrError("--per-section needs an input file")
+            select = sample_lines(input, per_section, seed)
+            cfg.total = len(select)
+            meta["selected_lines"] = len(select)
+
+            def parse(raw: bytes, line: int) -> Any:
+                return parse_prompt_line(raw, line) if line in select else None
+
         display = RunDisplay(f"synth [{name}]", quiet=quiet, plain=True if plain else None)
-        summary = run(cfg, parse_prompt_line, task, display)
+        summary = run(cfg, parse, task, display)
     finally:
         if verifier is not None:
             verifier.close()

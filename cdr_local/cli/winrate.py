@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .annotate import PlainOpt, QuietOpt, run_scoring
+from .annotate import ForceOpt, PlainOpt, QuietOpt, run_scoring
 from .options import (
     GpuOpt,
     ModelsOpt,
@@ -33,6 +33,7 @@ def winrate(
     instructions: Annotated[int | None, typer.Option("--instructions", help="Score a seeded random subset of this many instructions (default: all).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the instruction subset.")] = 0,
     tau: Annotated[float, typer.Option("--tau", help="Temperature: P(model wins) = sigmoid(margin / tau). Fit one with `cdr eval --calibrate`.")] = 1.0,
+    force: ForceOpt = False,
     reference: Annotated[Path | None, typer.Option("--reference", help="JSON {model name: published LC win rate} for a Spearman check.")] = None,
     quiet: QuietOpt = False,
     plain: PlainOpt = False,
@@ -73,7 +74,7 @@ def winrate(
         write_records(rec, chosen, outs)
         out = output / f"{name}.scores.jsonl"
         summary = run_scoring(
-            "winrate", str(rec), str(out), pair, models, profile, router, out.exists(), False, False, None, None,
+            "winrate", str(rec), str(out), pair, models, profile, router, out.exists(), False, force, None, None,
             quiet, plain, overrides, no_pull,
         )
         if summary.interrupted:
