@@ -43,7 +43,15 @@ RESERVOIR = 20_000
 
 
 class RecordError(Exception):
-    """A task could not process one record (the record is rejected, the run goes on)."""
+    """A task could not process one record (the record is rejected, the run goes on).
+
+    ``detail`` (optional, JSON-able) is written into the reject line, e.g. what a
+    filtered-out record would have been, so reports can count it.
+    """
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class Task(Protocol):
@@ -443,7 +451,7 @@ def run(
             try:
                 obj, stats = task.process(item)
             except RecordError as e:
-                rej = Reject(lineno, str(e), id=item.id)
+                rej = Reject(lineno, str(e), id=item.id, detail=e.detail)
                 if out.reject(rej):
                     summary.rejected += 1
                 events.reject(rej)

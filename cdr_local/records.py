@@ -68,6 +68,7 @@ class Reject:
     reason: str
     id: str | None = None
     text: str | None = None  # the start of the offending line, for the rejects file
+    detail: dict[str, Any] | None = None  # what the task knew (e.g. a filtered-out verdict)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"line": self.line, "reason": self.reason}
@@ -75,6 +76,8 @@ class Reject:
             d["id"] = self.id
         if self.text is not None:
             d["text"] = self.text
+        if self.detail is not None:
+            d["detail"] = self.detail
         return d
 
 

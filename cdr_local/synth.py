@@ -196,7 +196,10 @@ class SynthTask:
             obj["verify"] = {"pair": self.verifier.spec.name, "reward_1": rw1, "reward_2": rw2, "agree": agree}
             obj["margin"] = (rw2 - rw1) if label == "better" else (rw1 - rw2)
             if self.keep == "agree" and not agree:
-                raise RecordError(f"skipped: the density ratio disagrees with the intended label ({label})")
+                raise RecordError(
+                    f"skipped: the density ratio disagrees with the intended label ({label})",
+                    detail={"label": label, "aspects": aspects, "verify": obj["verify"]},
+                )
             stats["margin"] = float(obj["margin"])
         for k, v in record.extra.items():
             if k in {"chosen", "rejected", "response_a", "response_b", "responses"}:
@@ -205,31 +208,44 @@ class SynthTask:
         return obj, stats
 
 
-def agreement_report(path: str | Path) -> dict[str, Any]:
-    """Agreement of the verifier with the intended labels, overall, per aspect and per label."""
+def agreement_report(path: str | Path, rejects: str | Path | None = None) -> dict[str, Any]:
+    """Agreement of the verifier with the intended labels, overall, per aspect and per label.
+
+    Counts the kept pairs in ``path`` and, with ``--keep agree``, the pairs that
+    were dropped for disagreeing (their verdicts are in the rejects file).
+    """
     import orjson
 
     tot = [0, 0]
     per_aspect: dict[str, list[int]] = {}
     per_label: dict[str, list[int]] = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.strip():
+
+    def rows() -> Any:
+        for p, key in ((path, None), (rejects, "detail")):
+            if p is None or not Path(p).exists():
                 continue
-            o = orjson.loads(line)
-            v = o.get("verify")
-            if not v:
-                continue
-            a = int(bool(v["agree"]))
-            tot[0] += a
-            tot[1] += 1
-            for asp in o.get("aspects", []):
-                per_aspect.setdefault(asp, [0, 0])
-                per_aspect[asp][0] += a
-                per_aspect[asp][1] += 1
-            lab = per_label.setdefault(str(o.get("label")), [0, 0])
-            lab[0] += a
-            lab[1] += 1
+            with open(p, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        o = orjson.loads(line)
+                        o = o.get(key) if key else o
+                        if isinstance(o, dict):
+                            yield o
+
+    for o in rows():
+        v = o.get("verify")
+        if not v:
+            continue
+        a = int(bool(v["agree"]))
+        tot[0] += a
+        tot[1] += 1
+        for asp in o.get("aspects", []):
+            per_aspect.setdefault(asp, [0, 0])
+            per_aspect[asp][0] += a
+            per_aspect[asp][1] += 1
+        lab = per_label.setdefault(str(o.get("label")), [0, 0])
+        lab[0] += a
+        lab[1] += 1
 
     def rate(x: list[int]) -> dict[str, Any]:
         return {"agree": x[0], "n": x[1], "rate": x[0] / x[1] if x[1] else None}

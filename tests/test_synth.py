@@ -638,7 +638,11 @@ def cli_runs(tiny_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         *_synth_args(inp, kout, tiny_registry, "--verify", "tiny", "--keep", "agree"), home=home
     )
     assert p.returncode == 0, p.stderr
-    res["keep"] = (kout.read_bytes(), _rejects(kout).read_bytes())
+    res["keep"] = (
+        kout.read_bytes(),
+        _rejects(kout).read_bytes(),
+        orjson.loads(Path(str(kout) + ".synth-report.json").read_bytes()),
+    )
     return res
 
 
@@ -763,7 +767,10 @@ def test_cli_verify(cli_runs: dict[str, Any], tiny_registry: Path) -> None:
 
 def test_cli_keep_agree(cli_runs: dict[str, Any]) -> None:
     vlines = cli_runs["verify"][0].splitlines(keepends=True)
-    kept, rej = cli_runs["keep"]
+    kept, rej, keep_report = cli_runs["keep"]
+    # the report counts the dropped (disagreeing) pairs too, from the rejects' details:
+    # it equals the report of the run that kept everything
+    assert keep_report == cli_runs["verify"][2]
     agreeing = [ln for ln in vlines if orjson.loads(ln)["verify"]["agree"]]
     assert 0 < len(agreeing) < len(vlines)
     assert kept == b"".join(agreeing)  # the same bytes, the others dropped

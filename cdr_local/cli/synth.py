@@ -118,7 +118,7 @@ def synth(
             verifier.close()
         gen.close()
     if verify is not None and output != "-":
-        rep = agreement_report(output)
+        rep = agreement_report(output, summary.rejects_path)
         Path(output + ".synth-report.json").write_bytes(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
         if not quiet:
             tab = Table(title=f"agreement of {verify} with the intended labels", title_justify="left")
