@@ -88,6 +88,13 @@ def test_winrate_cli_matches_recomputation(tmp_path: Path, tiny_registry: Path) 
     r2 = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0
     assert json.loads((out / "winrate.json").read_text())["models"] == rep["models"]
+    # --report-only scores nothing and reports the same; with a model's scores gone it reports the rest
+    (out / "m3.scores.jsonl").unlink()
+    r3 = subprocess.run([*args, "--report-only"], capture_output=True, text=True, timeout=120)
+    assert r3.returncode == 0, r3.stderr
+    partial = json.loads((out / "winrate.json").read_text())["models"]
+    assert partial == [m for m in rep["models"] if m["name"] != "m3"]
+    assert not (out / "m3.scores.jsonl").exists()
 
 
 def test_lc_cli_writes_debiased_labels(tmp_path: Path, tiny_registry: Path) -> None:

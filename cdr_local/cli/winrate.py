@@ -34,6 +34,7 @@ def winrate(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the instruction subset.")] = 0,
     tau: Annotated[float, typer.Option("--tau", help="Temperature: P(model wins) = sigmoid(margin / tau). Fit one with `cdr eval --calibrate`.")] = 1.0,
     force: ForceOpt = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Do not score: report on what is already scored (a partial run's models are reported with their n).")] = False,
     reference: Annotated[Path | None, typer.Option("--reference", help="JSON {model name: published LC win rate} for a Spearman check.")] = None,
     quiet: QuietOpt = False,
     plain: PlainOpt = False,
@@ -70,9 +71,13 @@ def winrate(
         raise CdrError("model files must have distinct names")
     scored: dict[str, Path] = {}
     for name, _src, outs in runs:
+        out = output / f"{name}.scores.jsonl"
+        if report_only:
+            if out.exists():
+                scored[name] = out
+            continue
         rec = output / f"{name}.input.jsonl"
         write_records(rec, chosen, outs)
-        out = output / f"{name}.scores.jsonl"
         summary = run_scoring(
             "winrate", str(rec), str(out), pair, models, profile, router, out.exists(), False, force, None, None,
             quiet, plain, overrides, no_pull,
@@ -80,9 +85,12 @@ def winrate(
         if summary.interrupted:
             raise typer.Exit(130)
         scored[name] = out
+    if "baseline" not in scored:
+        raise CdrError(f"no baseline scores in {output}")
     results = [
         model_result(name, scored[name], scored["baseline"], chosen, outs, base, tau)
         for name, _src, outs in runs[1:]
+        if name in scored
     ]
     results.sort(key=lambda r: -r.lc_win_rate)
     report: dict[str, object] = {
