@@ -115,8 +115,9 @@ def pairs(
             closers.append(embedder)
             emb_meta = {"embed_model": name, "embed_model_sha256": sha, "embedding": "mean of final hidden states of the response alone"}
         scorer = None
-        meta: dict[str, Any] = {"command": "pairs", "input": input, "strategy": strategy, "min_margin": min_margin, "seed": seed, **emb_meta}
-        numerics: dict[str, Any] = {"strategy": strategy, "seed": seed, "min_margin": min_margin, **emb_meta}
+        mode = "keep-dissimilar" if keep_dissimilar is not None else strategy
+        meta: dict[str, Any] = {"command": "pairs", "input": input, "strategy": mode, "min_margin": min_margin, "seed": seed, **emb_meta}
+        numerics: dict[str, Any] = {"strategy": mode, "seed": seed, "min_margin": min_margin, **emb_meta}
         if lp is not None:
             prof = load_profile(profile)
             scorer = AnnotateTask(lp, prof, make_router(router, prof, lp))
@@ -131,7 +132,7 @@ def pairs(
             task = PairsTask(strategy, scorer=scorer, embedder=embedder, min_margin=min_margin, seed=seed)
         cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
                         meta=meta, numerics=numerics, limit=limit)
-        display = RunDisplay(f"pairs [{strategy}]", quiet=quiet, plain=True if plain else None)
+        display = RunDisplay(f"pairs [{mode}]", quiet=quiet, plain=True if plain else None)
         summary = run(cfg, parse_line, task, display)
     finally:
         for c in reversed(closers):
