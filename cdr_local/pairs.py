@@ -47,6 +47,11 @@ def record_rng(record_id: str, seed: int = 0) -> random.Random:
     return random.Random(int.from_bytes(h[:8], "little"))
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two vectors (0 when either is zero)."""
+    return float(np.dot(a, b) / ((np.linalg.norm(a) * np.linalg.norm(b)) or 1.0))
+
+
 def cosine_matrix(emb: np.ndarray) -> np.ndarray:
     e = np.asarray(emb, dtype=np.float64)
     norms = np.linalg.norm(e, axis=1, keepdims=True)

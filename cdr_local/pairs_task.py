@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from .pairs import NEEDS_EMBEDDINGS, SkipRecord, choose
+from .pairs import NEEDS_EMBEDDINGS, SkipRecord, choose, cosine
 from .pipeline import RecordError
 from .records import Record
 
@@ -72,7 +70,7 @@ class PairsTask:
         sim = c.similarity
         if sim is None and self.embedder is not None:
             e2 = self.embedder.embed([record.responses[c.chosen], record.responses[c.rejected]])
-            sim = float(np.dot(e2[0], e2[1]) / (np.linalg.norm(e2[0]) * np.linalg.norm(e2[1]) or 1.0))
+            sim = cosine(e2[0], e2[1])
 
         obj: dict[str, Any] = {
             "id": record.id,

@@ -93,7 +93,7 @@ class RunConfig:
     meta: dict[str, Any] = field(default_factory=dict)  # written to OUT.meta.json
     numerics: dict[str, Any] = field(default_factory=dict)  # must match on resume
     limit: int | None = None  # stop after this many new records
-    total: int | None = None  # records expected, for the progress bar (default: input lines)
+    select: set[int] | None = None  # only these input line numbers (a sample); default all
 
 
 @dataclass
@@ -416,9 +416,11 @@ def run(
     out = Output(cfg)
     summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None)
     try:  # before the output is created: an unreadable input is a user error
-        total = cfg.total if cfg.total is not None else (count_lines(cfg.input) if cfg.input != "-" else None)
+        total = len(cfg.select) if cfg.select is not None else (count_lines(cfg.input) if cfg.input != "-" else None)
     except OSError as e:
         raise CdrError(f"cannot read input {cfg.input}: {e.strerror}") from None
+    if cfg.select is not None:
+        cfg.meta["selected_lines"] = len(cfg.select)
     summary.resumed = out.open()
     rng = random.Random(0)
     events.start(total, summary.resumed)
@@ -428,6 +430,8 @@ def run(
     failed = False
     try:
         for lineno, raw in _read_lines(cfg.input, hasher):
+            if cfg.select is not None and lineno not in cfg.select:
+                continue
             item = parse(raw, lineno)
             if item is None:
                 continue

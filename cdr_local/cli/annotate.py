@@ -61,18 +61,10 @@ def run_scoring(command: str, input: str, output: str, pair: str | None, models:
         cfg = RunConfig(
             input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
             meta={"command": command, "input": input, **lp.metadata(), **task.metadata()},
-            numerics={**lp.numerics(), **task.numerics()}, limit=limit,
+            numerics={**lp.numerics(), **task.numerics()}, limit=limit, select=select,
         )
         display = RunDisplay(f"{command} [{lp.spec.name}/{prof.name}]", quiet=quiet, plain=True if plain else None)
-        parse = parse_line
-        if select is not None:
-            cfg.meta["selected_lines"] = len(select)
-            cfg.total = len(select)
-
-            def parse(raw: bytes, line: int) -> Any:
-                return parse_line(raw, line) if line in select else None
-
-        return run(cfg, parse, task, display)
+        return run(cfg, parse_line, task, display)
     finally:
         lp.close()
 

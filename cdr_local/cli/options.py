@@ -39,19 +39,25 @@ def engine_overrides(threads: Any, n_ctx: Any, n_batch: Any, n_ubatch: Any, n_gp
     }
 
 
+def engine_settings(reg: Any, overrides: dict[str, Any]) -> Any:
+    """models.toml's [engine] table plus command-line overrides; bad values are a ConfigError."""
+    from ..errors import ConfigError
+    from ..pair import settings_from
+
+    try:
+        return settings_from(reg, **overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def load_pair(models: Path | None, pair: str | None, overrides: dict[str, Any], no_pull: bool) -> Any:
     """Registry -> settings -> loaded pair, with user errors as CdrError."""
-    from ..errors import ConfigError
     from ..models import load_registry
-    from ..pair import LoadedPair, settings_from
+    from ..pair import LoadedPair
     from ..ui import say
 
     reg = load_registry(models)
-    try:
-        settings = settings_from(reg, **overrides)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return LoadedPair(reg, pair, settings, pull=not no_pull, say=say)
+    return LoadedPair(reg, pair, engine_settings(reg, overrides), pull=not no_pull, say=say)
 
 ProfileOpt = Annotated[
     str,

@@ -67,7 +67,7 @@ def pairs(
     """
     from ..annotate import AnnotateTask, make_router
     from ..embed import Embedder
-    from ..errors import CdrError, ConfigError
+    from ..errors import CdrError
     from ..models import load_registry, resolve
     from ..pairs import NEEDS_EMBEDDINGS, STRATEGIES
     from ..pairs_task import PairsTask
@@ -75,7 +75,7 @@ def pairs(
     from ..profiles import load_profile
     from ..records import parse_line
     from ..ui import RunDisplay, say
-    from .options import engine_overrides, load_pair
+    from .options import engine_overrides, engine_settings, load_pair
 
     if strategy not in STRATEGIES:
         raise CdrError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -99,16 +99,12 @@ def pairs(
         emb_meta: dict[str, Any] = {}
         if needs_emb:
             from ..engine.llama import LlamaModel
-            from ..pair import file_sha256, settings_from
+            from ..pair import file_sha256
 
             name = embed_model or reg.pair(pair).strong.model
             spec = reg.model(name)
             path = resolve(spec, pull=not no_pull, progress=say)
-            try:
-                settings = settings_from(reg, **overrides)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            em = LlamaModel(path, settings, name=name, embeddings=True)
+            em = LlamaModel(path, engine_settings(reg, overrides), name=name, embeddings=True)
             closers.append(em)
             sha = spec.sha256 or file_sha256(path)
             embedder = Embedder(em, sha)
@@ -182,9 +178,9 @@ def _threshold(input: str, embedder: Any, percent: float) -> float:
 
 
 def _cos(e: Any) -> float:
-    import numpy as np
+    from ..pairs import cosine
 
-    return float(np.dot(e[0], e[1]) / ((np.linalg.norm(e[0]) * np.linalg.norm(e[1])) or 1.0))
+    return cosine(e[0], e[1])
 
 
 class _DissimilarTask:

@@ -50,15 +50,15 @@ def synth(
     from rich.table import Table
 
     from ..engine.llama import LlamaModel
-    from ..errors import CdrError, ConfigError
+    from ..errors import CdrError
     from ..models import load_registry, resolve
-    from ..pair import LoadedPair, file_sha256, settings_from
+    from ..pair import LoadedPair, file_sha256
     from ..pipeline import RunConfig, run
     from ..records import parse_prompt_line
     from ..scoring import ChatSide
     from ..synth import SynthTask, agreement_report, load_templates
     from ..ui import RunDisplay, say
-    from .options import engine_overrides
+    from .options import engine_overrides, engine_settings
 
     if keep not in ("all", "agree"):
         raise CdrError("--keep is 'all' or 'agree'")
@@ -71,10 +71,7 @@ def synth(
     t = load_templates(templates)
     reg = load_registry(models)
     overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
-    try:
-        settings = settings_from(reg, **overrides)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    settings = engine_settings(reg, overrides)
     name = model or reg.pair(None).strong.model
     spec = reg.model(name)
     path = resolve(spec, pull=not no_pull, progress=say)
@@ -98,21 +95,14 @@ def synth(
             numerics.update({f"verify.{k}": v for k, v in verifier.numerics().items()})
         cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
                         meta=meta, numerics=numerics, limit=limit)
-        parse: Any = parse_prompt_line
         if per_section is not None:
             from ..evaluate import sample_lines
 
             if input == "-":
                 raise CdrError("--per-section needs an input file")
-            select = sample_lines(input, per_section, seed)
-            cfg.total = len(select)
-            meta["selected_lines"] = len(select)
-
-            def parse(raw: bytes, line: int) -> Any:
-                return parse_prompt_line(raw, line) if line in select else None
-
+            cfg.select = sample_lines(input, per_section, seed)
         display = RunDisplay(f"synth [{name}]", quiet=quiet, plain=True if plain else None)
-        summary = run(cfg, parse, task, display)
+        summary = run(cfg, parse_prompt_line, task, display)
     finally:
         if verifier is not None:
             verifier.close()
