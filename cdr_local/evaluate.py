@@ -70,10 +70,16 @@ def with_length_control(pairs: list[EvalPair], tau: float = 1.0) -> tuple[list[E
     return out, {"phi": lc.phi, "theta": lc.theta, "std_dlen": lc.std_dlen, "tau": tau}
 
 
-def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> set[int]:
+def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> list[int]:
     """Line numbers of a stratified random sample: ``per_section`` pairs from each
     section (all of a smaller section), chosen by a seeded reservoir -- one pass,
-    memory ~ the sample."""
+    memory ~ the sample.
+
+    The order interleaves the sections (round robin, each in file order), so
+    the first k records of a run are a balanced sample too: ``--limit`` cuts a
+    long evaluation short without losing a section, and ``--resume`` with a
+    larger limit extends it.
+    """
     import random
 
     rng = random.Random(seed)
@@ -96,7 +102,8 @@ def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> set[int]:
                 j = rng.randrange(n)
                 if j < per_section:
                     res[j] = lineno
-    return {ln for res in reservoirs.values() for ln in res}
+    columns = [sorted(res) for res in reservoirs.values()]
+    return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
 
 
 def pairs_from_output(path: str | Path) -> Iterator[EvalPair]:

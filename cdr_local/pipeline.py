@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -93,7 +93,10 @@ class RunConfig:
     meta: dict[str, Any] = field(default_factory=dict)  # written to OUT.meta.json
     numerics: dict[str, Any] = field(default_factory=dict)  # must match on resume
     limit: int | None = None  # stop after this many new records
-    select: set[int] | None = None  # only these input line numbers (a sample); default all
+    # Only these input line numbers (a sample), processed in this order; default
+    # all, in file order.  An interleaved order (see evaluate.sample_lines) makes
+    # every prefix of a run, and so any --limit, a balanced sample too.
+    select: Sequence[int] | None = None
 
 
 @dataclass
@@ -244,6 +247,22 @@ def _read_lines(source: str, hasher: Any) -> Iterator[tuple[int, bytes]]:
     finally:
         if close:
             f.close()
+
+
+def _selected_lines(cfg: RunConfig, hasher: Any) -> Iterator[tuple[int, bytes]]:
+    """All input lines in file order, or only ``cfg.select``'s in its order.
+
+    A sample is small, so its lines are held in memory (the rest of the input
+    is streamed past, and still hashed for the metadata).
+    """
+    if cfg.select is None:
+        yield from _read_lines(cfg.input, hasher)
+        return
+    wanted = set(cfg.select)
+    picked = {i: line for i, line in _read_lines(cfg.input, hasher) if i in wanted}
+    for i in dict.fromkeys(cfg.select):  # once each, first position wins
+        if i in picked:
+            yield i, picked[i]
 
 
 def count_lines(source: str) -> int | None:
@@ -416,11 +435,11 @@ def run(
     out = Output(cfg)
     summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None)
     try:  # before the output is created: an unreadable input is a user error
-        total = len(cfg.select) if cfg.select is not None else (count_lines(cfg.input) if cfg.input != "-" else None)
+        total = len(set(cfg.select)) if cfg.select is not None else (count_lines(cfg.input) if cfg.input != "-" else None)
     except OSError as e:
         raise CdrError(f"cannot read input {cfg.input}: {e.strerror}") from None
     if cfg.select is not None:
-        cfg.meta["selected_lines"] = len(cfg.select)
+        cfg.meta["selected_lines"] = len(set(cfg.select))
     summary.resumed = out.open()
     rng = random.Random(0)
     events.start(total, summary.resumed)
@@ -429,9 +448,7 @@ def run(
     t0 = time.perf_counter()
     failed = False
     try:
-        for lineno, raw in _read_lines(cfg.input, hasher):
-            if cfg.select is not None and lineno not in cfg.select:
-                continue
+        for lineno, raw in _selected_lines(cfg, hasher):
             item = parse(raw, lineno)
             if item is None:
                 continue

@@ -244,8 +244,30 @@ def test_sample_lines(tmp_path: Path) -> None:
     assert 4 not in s  # the bad line
     assert sample_lines(f, 3, seed=0) == s
     assert len({frozenset(sample_lines(f, 3, seed=k)) for k in range(6)}) > 1
-    assert sample_lines(f, 100, seed=7) == set(section_of)  # all of every section
-    assert sample_lines(f, 0) == set()
+    assert set(sample_lines(f, 100, seed=7)) == set(section_of)  # all of every section
+    assert sample_lines(f, 0) == []
+    # interleaved: every prefix is as balanced as the sections allow
+    assert [section_of[ln] for ln in s] == ["A", "B", "C", "D", "A", "B", "C", "A", "C"]
+    assert len(s) == len(set(s))
+
+
+def test_eval_limit_on_a_sample_is_balanced_and_resumable(tmp_path: Path, tiny_registry: Path) -> None:
+    """--per-section N --limit K scores the first K of the interleaved sample; a
+    resume with a larger limit extends it to the same output a full run gives."""
+    f = tmp_path / "in.jsonl"
+    rows = [
+        {"prompt": f"{sec} question {i}", "chosen": "yes " * (i + 1), "rejected": "no", "section": sec}
+        for sec in ("Chat", "Safety", "Reasoning")
+        for i in range(4)
+    ]
+    f.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    out, full = tmp_path / "o.jsonl", tmp_path / "full.jsonl"
+    base = ["eval", str(f), "--models", str(tiny_registry), "--per-section", "3", "-q", "--bootstrap", "10"]
+    assert _cdr(*base, "-o", str(out), "--limit", "3").returncode == 0
+    assert sorted(orjson.loads(x)["section"] for x in out.read_bytes().splitlines()) == ["Chat", "Reasoning", "Safety"]
+    assert _cdr(*base, "-o", str(out), "--resume").returncode == 0
+    assert _cdr(*base, "-o", str(full)).returncode == 0
+    assert out.read_bytes() == full.read_bytes()
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ PlainOpt = Annotated[bool, typer.Option("--plain", help="Plain log lines instead
 
 def run_scoring(command: str, input: str, output: str, pair: str | None, models: Path | None, profile: str, router: str | None,
                 resume: bool, overwrite: bool, force: bool, rejects: str | None, limit: int | None, quiet: bool, plain: bool,
-                overrides: dict[str, Any], no_pull: bool, select: set[int] | None = None) -> RunSummary:
+                overrides: dict[str, Any], no_pull: bool, select: list[int] | None = None) -> RunSummary:
     """The shared body of annotate and eval: pair + profile + router through the pipeline."""
     from ..annotate import AnnotateTask, make_router
     from ..errors import CdrError

@@ -136,6 +136,33 @@ def check_gguf_header(path: Path) -> None:
         raise ModelError(f"not a GGUF file (bad magic): {path}")
 
 
+#: llama_ftype values for ``convert_gguf`` (llama.h: LLAMA_FTYPE_ALL_F32,
+#: LLAMA_FTYPE_MOSTLY_F16, LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_BF16).
+_FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+
+
+def convert_gguf(src: Path, dst: Path, kind: str, n_threads: int = 0) -> None:
+    """Rewrite the GGUF ``src`` with weights of type ``kind`` into ``dst``.
+
+    llama.cpp's own quantizer, with requantizing allowed: from a Q4 file an
+    F16 file holds exactly the dequantized Q4 weights (rounded to f16), so
+    the model is the same, only stored in a type whose CPU kernels are faster
+    for small models.  Deterministic: the same input gives the same bytes.
+    """
+    if kind not in _FTYPES:
+        raise ValueError(f"unknown weight type {kind!r}; known: {', '.join(_FTYPES)}")
+    check_gguf_header(src)
+    ll = _llama()
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = _FTYPES[kind]
+    params.allow_requantize = True
+    params.nthread = n_threads if n_threads > 0 else max(1, os.cpu_count() or 1)
+    rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        why = _last_error()
+        raise ModelError(f"cannot convert {src} to {kind}: {why or f'llama_model_quantize returned {rc}'}")
+
+
 class _Weights:
     """A loaded llama_model, shared by every context that uses it (refcounted)."""
 
@@ -422,7 +449,8 @@ class LlamaModel:
             sel = np.nonzero(G[a:b] >= 0)[0]
             if len(sel) == 0:
                 continue
-            lp = _logprobs_rows(rows[sel], G[a:b][sel])
+            # fancy indexing copies the rows (a 152k-vocab row is 0.6 MB): only when needed
+            lp = _logprobs_rows(rows if len(sel) == len(rows) else rows[sel], G[a:b][sel])
             for w, k, v in zip(W[a:b][sel], K[a:b][sel], lp, strict=True):
                 outs[w][k] = v
         # rewind: drop the continuations, keep the context in seq 0
