@@ -264,6 +264,9 @@ class LlamaModel:
         for i in range(n):
             self._b_seq[i][0] = 0
         self._seq_dirty = False
+        # benchmarks/bench.py sets a list here to record every llama.cpp call
+        # (decodes and KV-cache edits) and replay them bare: the "ceiling"
+        self.trace: list[tuple[Any, ...]] | None = None
 
         # KV-cache state of sequence 0 (see _decode_context)
         self._cached_segments: list[tuple[int, ...]] = []
@@ -337,6 +340,8 @@ class LlamaModel:
                 self._b_seq[i][0] = seq[i]
             self._seq_dirty = bool(seq.any())
         batch.n_tokens = n
+        if self.trace is not None:
+            self.trace.append(("decode", tokens.copy(), pos.copy(), seq.copy(), want.copy()))
         rc = self._ll.llama_decode(self._ctx, batch)
         if rc != 0:
             why = _last_error()
@@ -347,9 +352,19 @@ class LlamaModel:
         ptr = self._ll.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
 
+    def _seq_rm(self, seq: int, start: int) -> None:
+        """Drop ``seq``'s cells from position ``start`` on (seq -1: every sequence)."""
+        if self.trace is not None:
+            self.trace.append(("rm", seq, start))
+        self._ll.llama_memory_seq_rm(self._mem, seq, start, -1)
+
+    def _seq_cp(self, src: int, dst: int, end: int) -> None:
+        if self.trace is not None:
+            self.trace.append(("cp", src, dst, end))
+        self._ll.llama_memory_seq_cp(self._mem, src, dst, 0, end)
+
     def _decode_context(self, segments: tuple[tuple[int, ...], ...]) -> np.ndarray:
         """Decode the context into seq 0 at cells [0, P); return the last logits row (a copy)."""
-        ll = self._ll
         keep = 0
         while (
             keep < len(segments)
@@ -365,7 +380,7 @@ class LlamaModel:
         # never decode fewer than MIN_ROWS tokens at once (see module docstring):
         # back up and recompute a few cached tokens -- bitwise the same KV.
         start = min(start, max(0, P - MIN_ROWS))
-        ll.llama_memory_seq_rm(self._mem, -1, start, -1)
+        self._seq_rm(-1, start)
         self._cached_segments = []
         self._cached_last_row = None
         spans = _spans(P - start, self.n_chunk)
@@ -417,7 +432,6 @@ class LlamaModel:
 
     def _decode_continuations(self, P: int, conts: list[np.ndarray], outs: list[np.ndarray]) -> None:
         """Decode continuations (each as its own sequence) after the cached context; fill ``outs[j][1:]``."""
-        ll = self._ll
         n_dec = sum(len(c) - 1 for c in conts)
         # recompute a few context tokens if the batch would be smaller than MIN_ROWS
         back = min(P, max(0, MIN_ROWS - n_dec))
@@ -429,9 +443,9 @@ class LlamaModel:
         slot = [np.zeros(back, dtype=np.int64)]
         which = [np.zeros(back, dtype=np.int64)]
         if back:
-            ll.llama_memory_seq_rm(self._mem, 0, P - back, -1)
+            self._seq_rm(0, P - back)
         for s in range(1, len(conts)):
-            ll.llama_memory_seq_cp(self._mem, 0, s, 0, P)
+            self._seq_cp(0, s, P)
         for s, c in enumerate(conts):
             k = len(c) - 1
             toks.append(c[:-1])
@@ -455,8 +469,8 @@ class LlamaModel:
                 outs[w][k] = v
         # rewind: drop the continuations, keep the context in seq 0
         for s in range(1, len(conts)):
-            ll.llama_memory_seq_rm(self._mem, s, -1, -1)
-        ll.llama_memory_seq_rm(self._mem, 0, P, -1)
+            self._seq_rm(s, -1)
+        self._seq_rm(0, P)
 
     # --------------------------------------------------------------- cleanup
     def sibling(self, *, embeddings: bool = False) -> LlamaModel:
@@ -501,7 +515,7 @@ class LlamaModel:
                 pos += 1
         finally:
             # back to "context only" in the cache, as the scoring paths expect
-            self._ll.llama_memory_seq_rm(self._mem, 0, P, -1)
+            self._seq_rm(0, P)
         return out
 
     def hidden_states(self, tokens: list[int]) -> np.ndarray:
