@@ -48,6 +48,7 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 from .errors import ConfigError, ModelError
+from .gguf_check import gguf_problem
 from .paths import model_cache_dir
 
 __all__ = [
@@ -583,7 +584,8 @@ def _hash_stream(f: IO[bytes]) -> str:
 
 
 def verify(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult:
-    """Check a model's file: present, GGUF magic, and sha256 if one is known.
+    """Check a model's file: present, GGUF magic, sha256 if one is known, and
+    that the GGUF structure is whole (see :mod:`cdr_local.gguf_check`).
 
     The sha256 is computed only when there is one to compare with (or with
     ``always_hash``), since hashing a user's multi-GiB file for nothing is slow.
@@ -611,6 +613,12 @@ def verify(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult:
         return result(True, actual, False, f"not a GGUF file (starts with {head!r}): {path}")
     if expected and actual != expected:
         return result(True, actual, False, f"sha256 mismatch: expected {expected}, got {actual}")
+    try:  # the magic alone passes a file cut short: walk the header, compare sizes
+        problem = gguf_problem(path)
+    except OSError as e:
+        return result(True, actual, False, f"cannot read {path}: {e.strerror or e}")
+    if problem:
+        return result(True, actual, False, f"{problem}: {path}")
     return result(True, actual, True, "ok" if expected else "ok (GGUF; no sha256 to check)")
 
 
