@@ -466,6 +466,10 @@ def run(
         for lineno, raw in _read_lines(cfg.input, hasher):
             if cfg.select is not None and lineno not in cfg.select:
                 continue
+            if cfg.limit is not None and summary.done >= cfg.limit:
+                # read on (the input's sha256) but record nothing more, not even rejects:
+                # the resumed run records them, in input order, as one whole run would
+                continue
             item = parse(raw, lineno)
             if item is None:
                 continue
@@ -478,8 +482,6 @@ def run(
                 continue
             seen.add(key)
             if key in out.done_ids:
-                continue
-            if cfg.limit is not None and summary.done >= cfg.limit:
                 continue
             try:
                 obj, stats = task.process(item)

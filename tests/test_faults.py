@@ -554,3 +554,39 @@ def test_hostile_gguf_template_cli(hostile_registry: Path, tmp_path: Path) -> No
     rej = jsonl(rejects_path(str(out)).read_bytes())
     assert [r["line"] for r in rej] == [1, 4, 7]
     assert all(r["reason"].startswith("chat template tried an unsafe operation") for r in rej)
+
+
+# ---------------------------------------------------------------------------
+# Context overflow follows the truncation policy
+# ---------------------------------------------------------------------------
+
+
+def test_context_overflow_is_truncated_and_flagged(scoring: Scoring, tmp_path: Path) -> None:
+    """A record longer than n_ctx is scored, not rejected: the prompt keeps its end
+    (at least half the window), each response its start, and it is flagged."""
+    from cdr_local.chat import Message
+
+    long_prompt = "start " + "word " * 2000 + "THE END?"
+    long_resp = "begin " + "more " * 2000
+    recs = [
+        {"id": "long", "prompt": long_prompt, "chosen": long_resp, "rejected": "short"},
+        {"id": "fits", "prompt": "Hi", "chosen": "Hello", "rejected": "Go"},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    out = tmp_path / "o.jsonl"
+    s = run(RunConfig(input=str(inp), output=str(out), meta={}, numerics={}), parse_line, scoring.task)
+    assert (s.done, s.rejected, s.truncated) == (2, 0, 1)
+    assert orjson.loads(meta_path(str(out)).read_bytes())["counts"]["truncated_this_run"] == 1
+    long, fits = jsonl(out.read_bytes())
+    assert long["truncated"] and all(x["truncated"] for x in long["scores"]) and not fits["truncated"]
+    for role in ("strong", "weak"):
+        side = scoring.pair.sides[role]
+        n_ctx = side.model.n_ctx
+        by_name = {x["response"]: x for x in long["scores"]}
+        tok = side.tokenize([Message("user", long_prompt)], [long_resp, "short"])
+        assert len(tok.context) >= n_ctx // 2  # the prompt keeps at least half the window
+        assert side.model.detokenize(list(tok.context)).endswith("THE END?<|im_end|>\n<|im_start|>assistant\n")
+        assert side.model.detokenize(list(tok.continuations[0])).startswith("begin more")
+        assert by_name["chosen"][f"{role}_tokens"] == len(tok.continuations[0]) == n_ctx - len(tok.context)
+        assert by_name["rejected"][f"{role}_tokens"] == len(tok.continuations[1])
