@@ -37,9 +37,13 @@ from typing import IO, Any, Protocol
 import orjson
 
 from .errors import CdrError
+from .models import _fsync_dir
 from .records import Record, Reject
 
 RESERVOIR = 20_000
+#: Finished lines are handed to the OS at once (a killed process loses none) and
+#: fsynced at most this many seconds apart, so a power cut loses about this much work.
+FSYNC_SECONDS = 1.0
 
 
 class RecordError(Exception):
@@ -270,6 +274,7 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename too survives a power cut
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -291,6 +296,7 @@ class Output:
         self.rejected_lines: set[int] = set()
         self._out: IO[bytes] | None = None
         self._rej: IO[bytes] | None = None
+        self._synced = time.monotonic()
         self.rejects_path: Path | None = None
         if cfg.rejects == "-" or (cfg.rejects is None and self.to_stdout):
             self.rejects_path = None
@@ -369,6 +375,11 @@ class Output:
         assert self._out is not None
         self._out.write(orjson.dumps(obj) + b"\n")
         self._out.flush()
+        if not self.to_stdout and time.monotonic() - self._synced >= FSYNC_SECONDS:
+            for f in (self._out, self._rej):
+                if f is not None:
+                    os.fsync(f.fileno())
+            self._synced = time.monotonic()
 
     def reject(self, rej: Reject) -> bool:
         """Record a reject once; return False if it was already recorded."""

@@ -433,6 +433,39 @@ def test_unserializable_record_is_rejected(scoring: Scoring, tmp_path: Path) -> 
     assert rej["line"] == 2 and rej["id"] == "deep" and "cannot be written as JSON" in rej["reason"]
 
 
+def test_lines_are_fsynced_as_they_go(scoring: Scoring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a power cut: finished lines reach the disk at most FSYNC_SECONDS apart;
+    an fsync that fails (EIO: the disk is going) stops the run like a failed write."""
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if fail_at and len(calls) == fail_at:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(P, "FSYNC_SECONDS", 0.0)
+    fail_at = 0
+    out = tmp_path / "every.jsonl"
+    s = run(scoring.cfg(out), parse_line, scoring.task)
+    assert len(calls) >= s.done  # after every record (and at open and close)
+    monkeypatch.setattr(P, "FSYNC_SECONDS", 3600.0)
+    calls.clear()
+    run(scoring.cfg(tmp_path / "once.jsonl"), parse_line, scoring.task)
+    assert len(calls) <= 6  # only with the metadata and at close
+    monkeypatch.setattr(P, "FSYNC_SECONDS", 0.0)
+    calls.clear()
+    fail_at = 6
+    out = tmp_path / "fail.jsonl"
+    with pytest.raises(CdrError, match="Input/output error.*--resume"):
+        run(scoring.cfg(out), parse_line, scoring.task)
+    monkeypatch.undo()
+    scoring.assert_saved_prefix(out)
+    scoring.assert_resumes(out)
+
+
 # a write that fails in the kernel: RLIMIT_FSIZE makes writes past the limit fail
 # with EFBIG (SIGXFSZ ignored), for every file of the process
 
