@@ -12,8 +12,8 @@ write back, blank lines, no final newline.  Whatever the input:
 * a run stopped after k records (and left with a torn last line) and then
   resumed writes exactly the bytes of one uninterrupted run.
 
-The fast properties run a stub task (the pipeline and the parser are what is
-fuzzed); one property runs the real annotate task on the tiny models.
+The fast property runs a stub task (the pipeline and the two readers are what
+is fuzzed); the other runs the real annotate task on the tiny models.
 ``CDR_SOAK=N`` runs N times more examples.
 """
 
@@ -184,19 +184,23 @@ def check_conservation(lines: list[bytes], out: Path, with_lines: bool) -> tuple
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 _PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]  # no slow "explain" phase
-FAST = settings(max_examples=150 * SOAK, deadline=None, suppress_health_check=_HEALTH, phases=_PHASES)
+FAST = settings(max_examples=100 * SOAK, deadline=None, suppress_health_check=_HEALTH, phases=_PHASES)
 
 
 @pytest.mark.soak
+@pytest.mark.parametrize("parse", [parse_line, parse_prompt_line], ids=["records", "prompts"])
 @FAST
 @given(INPUT, st.integers(0, 6), st.integers(1, 1000))
-def test_hostile_input_is_conserved_and_resumable(data: tuple[list[bytes], bool], k: int, cut: int) -> None:
+def test_hostile_input_is_conserved_and_resumable(
+    parse: Any, data: tuple[list[bytes], bool], k: int, cut: int
+) -> None:
+    """For both readers: records (annotate, eval, pairs) and prompts (synth)."""
     lines, final_newline = data
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         inp = _write_input(d, lines, final_newline)
         ref = d / "ref.jsonl"
-        s = run(RunConfig(input=str(inp), output=str(ref)), parse_line, EchoTask())
+        s = run(RunConfig(input=str(inp), output=str(ref)), parse, EchoTask())
         rows, rej = check_conservation(lines, ref, with_lines=True)
         event(f"lines written: {min(len(rows), 4)}{'+' if len(rows) >= 4 else ''}")
         event(f"lines rejected: {min(len(rej), 4)}{'+' if len(rej) >= 4 else ''}")
@@ -206,30 +210,16 @@ def test_hostile_input_is_conserved_and_resumable(data: tuple[list[bytes], bool]
         assert meta["counts"]["written_this_run"] == len(rows)
         # stop after k records, tear the next line, resume: the same bytes, nothing lost
         out = d / "out.jsonl"
-        run(RunConfig(input=str(inp), output=str(out), limit=k), parse_line, EchoTask())
+        run(RunConfig(input=str(inp), output=str(out), limit=k), parse, EchoTask())
         done = out.read_bytes()
         ref_bytes = ref.read_bytes()
         assert ref_bytes.startswith(done)
         nxt = ref_bytes[len(done) :].split(b"\n", 1)[0]
         with open(out, "ab") as f:
             f.write(nxt[: cut % max(1, len(nxt))])
-        run(RunConfig(input=str(inp), output=str(out), resume=True), parse_line, EchoTask())
+        run(RunConfig(input=str(inp), output=str(out), resume=True), parse, EchoTask())
         assert out.read_bytes() == ref_bytes
         assert _bytes(rejects_path(str(out))) == _bytes(rejects_path(str(ref)))
-
-
-@pytest.mark.soak
-@FAST
-@given(INPUT)
-def test_hostile_prompt_lines_are_conserved(data: tuple[list[bytes], bool]) -> None:
-    """The same for `cdr synth`'s reader (a prompt per line)."""
-    lines, final_newline = data
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        inp = _write_input(d, lines, final_newline)
-        out = d / "out.jsonl"
-        run(RunConfig(input=str(inp), output=str(out)), parse_prompt_line, EchoTask())
-        check_conservation(lines, out, with_lines=True)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 import pytest
-from test_cli import CDR, _env, assert_user_error, cdr, jsonl
+from test_cli import CDR, _env, _lines, assert_user_error, cdr, jsonl
 
 SOAK = max(1, int(os.environ.get("CDR_SOAK", "1")))
 KILLS = {"annotate": 8, "eval": 4, "pairs": 4, "synth": 4}  # x SOAK
@@ -87,13 +87,6 @@ def _artifacts(out: Path) -> dict[str, bytes]:
         if os.path.exists(name):
             found[name[len(stem) :]] = Path(name).read_bytes()
     return found
-
-
-def _lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 @dataclass
@@ -168,7 +161,7 @@ def _kill_chain(ref: Reference, reg: Path, d: Path, n_kills: int) -> Reference:
     env = _env(d / "home")
     started = False
     while len(ref.kills) < n_kills:
-        done = _lines(out)
+        done = max(0, _lines(out))
         proc = subprocess.Popen([*CDR, *args, *(["--resume"] if started else [])], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
         started = True
