@@ -57,6 +57,8 @@ GGML_BLOCK: dict[int, tuple[int, int]] = {
     34: (256, 54),  # TQ1_0
     35: (256, 66),  # TQ2_0
     39: (32, 17),  # MXFP4
+    40: (64, 36),  # NVFP4
+    41: (128, 18),  # Q1_0
 }
 
 # GGUF metadata value types: fixed sizes; 8 = string, 9 = array
@@ -157,7 +159,7 @@ def _check(buf: mmap.mmap | bytes) -> str | None:
     for i in range(n_tensors):
         name = r.string(f"tensor info {i}").decode("utf-8", "replace")
         n_dims = r.u32(f"tensor {name!r}")
-        if not 1 <= n_dims <= _MAX_DIMS:
+        if n_dims > _MAX_DIMS:
             return f"tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS}): corrupt file"
         n = 1
         for _ in range(n_dims):

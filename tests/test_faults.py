@@ -77,6 +77,15 @@ def test_structural_check_survives_corruption(tiny_bos_model: Path, tmp_path: Pa
     assert time.perf_counter() - t0 < 30
 
 
+def test_block_size_table_matches_gguf_py() -> None:
+    """The stdlib check carries its own copy of ggml's block sizes (gguf is a test-only dependency)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from cdr_local.gguf_check import GGML_BLOCK
+
+    assert {t.value: v for t, v in GGML_QUANT_SIZES.items()} == GGML_BLOCK
+
+
 @pytest.fixture(scope="module")
 def model_variants(
     tiny_registry: Path, tiny_bos_model: Path, tmp_path_factory: pytest.TempPathFactory

@@ -10,7 +10,8 @@ next.  When the chain ends, the output, the rejects and the reports must be
 byte-identical to an uninterrupted run's.
 
 The soak variants are marked ``soak``.  ``CDR_SOAK=N`` multiplies the number of
-kill points (CI runs N=1: 20 kill points over the four commands, about 30 s).
+kill points and the size of the inputs (CI runs N=1: 20 kill points over the four
+commands, about 30 s).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _inputs(command: str) -> tuple[list[bytes], int]:
     """(input lines, number of output lines an uninterrupted run writes)."""
     r = random.Random(command)
     recs: list[dict[str, Any]] = []
-    n = {"annotate": 40, "eval": 24, "pairs": 16, "synth": 12}[command]
+    n = {"annotate": 40, "eval": 24, "pairs": 16, "synth": 16}[command] * SOAK
     for i in range(n):
         if command == "synth":
             rec: dict[str, Any] = {"id": f"s{i}", "prompt": _words(r, 4, 10).capitalize() + "?"}
