@@ -78,12 +78,16 @@ def test_structural_check_survives_corruption(tiny_bos_model: Path, tmp_path: Pa
 
 
 def test_block_size_table_matches_gguf_py() -> None:
-    """The stdlib check carries its own copy of ggml's block sizes (gguf is a test-only dependency)."""
+    """The stdlib check carries its own copy of ggml's block sizes (gguf is a test-only
+    dependency). Types newer than the copy are tolerated by the check, so only the
+    entries it has must agree."""
     from gguf.constants import GGML_QUANT_SIZES
 
     from cdr_local.gguf_check import GGML_BLOCK
 
-    assert {t.value: v for t, v in GGML_QUANT_SIZES.items()} == GGML_BLOCK
+    ref = {t.value: v for t, v in GGML_QUANT_SIZES.items()}
+    assert {k: ref.get(k) for k in GGML_BLOCK} == GGML_BLOCK
+    assert len(GGML_BLOCK) >= 32
 
 
 @pytest.fixture(scope="module")
