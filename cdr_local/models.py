@@ -53,6 +53,7 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 from .errors import ConfigError, ModelError
+from .gguf_check import gguf_problem
 from .paths import model_cache_dir
 
 __all__ = [
@@ -621,7 +622,8 @@ def _hash_stream(f: IO[bytes]) -> str:
 
 
 def _verify_source(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult:
-    """Check the source file: present, GGUF magic, and sha256 if one is known.
+    """Check the source file: present, GGUF magic, sha256 if one is known, and
+    that the GGUF structure is whole (see :mod:`cdr_local.gguf_check`).
 
     The sha256 is computed only when there is one to compare with (or with
     ``always_hash``), since hashing a user's multi-GiB file for nothing is slow.
@@ -649,12 +651,18 @@ def _verify_source(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult
         return result(True, actual, False, f"not a GGUF file (starts with {head!r}): {path}")
     if expected and actual != expected:
         return result(True, actual, False, f"sha256 mismatch: expected {expected}, got {actual}")
+    try:  # the magic alone passes a file cut short: walk the header, compare sizes
+        problem = gguf_problem(path)
+    except OSError as e:
+        return result(True, actual, False, f"cannot read {path}: {e.strerror or e}")
+    if problem:
+        return result(True, actual, False, f"{problem}: {path}")
     return result(True, actual, True, "ok" if expected else "ok (GGUF; no sha256 to check)")
 
 
 def verify(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult:
     """Check a model: its source file (see ``_verify_source``) and, for a
-    model with ``convert``, that the converted file is there and is GGUF."""
+    model with ``convert``, that the converted file is there and whole."""
     res = _verify_source(spec, always_hash=always_hash)
     if not res.ok or not spec.convert:
         return res
@@ -664,14 +672,13 @@ def verify(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult:
         return dataclasses.replace(res, ok=False, message=message)
 
     try:
-        with open(conv, "rb") as f:
-            head = f.read(len(GGUF_MAGIC))
+        problem = gguf_problem(conv)
     except FileNotFoundError:
         return bad(f"{res.message}, but not converted to {spec.convert} yet; run `cdr models pull {spec.name}`")
     except OSError as e:
         return bad(f"cannot read {conv}: {e.strerror or e}")
-    if head != GGUF_MAGIC:
-        return bad(f"converted file is not GGUF: {conv}")
+    if problem:
+        return bad(f"converted file: {problem}: {conv}")
     return dataclasses.replace(res, message=f"{res.message}; runs as {spec.convert}: {conv}")
 
 

@@ -13,7 +13,8 @@ import orjson
 from . import __version__
 from .chat import Message
 from .engine import EngineSettings
-from .models import ModelSpec, PairSpec, Registry, resolve
+from .errors import ModelError
+from .models import ModelSpec, PairSpec, PathSource, Registry, resolve
 from .paths import home_dir
 from .reward import ResponseScore
 from .scoring import ChatSide
@@ -62,6 +63,27 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
+def model_sha256(spec: ModelSpec, path: Path) -> str:
+    """The sha256 that outputs record for a model file.
+
+    A local file (path source) whose registry entry gives a sha256 is checked
+    against it here, hashed once per (size, mtime): a wrong file is refused
+    rather than recorded under the registry's digest.  Pulled files were
+    checked when they were installed.  A converted model records the
+    digest of the converted file, the one that runs.
+    """
+    if isinstance(spec.source, PathSource) and spec.sha256:
+        src = spec.source.path
+        actual = file_sha256(src)
+        if actual != spec.sha256:
+            raise ModelError(f"model {spec.name!r}: sha256 mismatch: expected {spec.sha256}, got {actual}: {src}")
+        if spec.convert is None:
+            return actual
+    if spec.convert:  # what runs is the converted file: record its own digest
+        return file_sha256(path)
+    return spec.sha256 or file_sha256(path)
+
+
 class LoadedPair:
     """Strong and weak :class:`ChatSide` objects; one llama.cpp model is shared
     when both sides use the same file (one model under two system prompts)."""
@@ -90,6 +112,7 @@ class LoadedPair:
             for role in ("strong", "weak"):
                 spec = specs[role]
                 path = resolve(spec, pull=pull, progress=say)
+                model_sha256(spec, path)  # a wrong local file fails here, before it is loaded
                 self.paths[role] = path
                 key = path.resolve()
                 # one model file is loaded once; each side gets its own context
@@ -136,7 +159,7 @@ class LoadedPair:
             models[role] = {
                 "model": spec.name,
                 "path": str(path),
-                "sha256": spec.sha256 or file_sha256(path),
+                "sha256": model_sha256(spec, path),
                 "source": spec.source_label,
                 "system": side.system,
                 "chat_template_sha256": hashlib.sha256(side.template.encode()).hexdigest(),

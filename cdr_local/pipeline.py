@@ -37,9 +37,13 @@ from typing import IO, Any, Protocol
 import orjson
 
 from .errors import CdrError
+from .models import _fsync_dir
 from .records import Record, Reject
 
 RESERVOIR = 20_000
+#: Finished lines are handed to the OS at once (a killed process loses none) and
+#: fsynced at most this many seconds apart, so a power cut loses about this much work.
+FSYNC_SECONDS = 1.0
 
 
 class RecordError(Exception):
@@ -281,12 +285,19 @@ def count_lines(source: str) -> int | None:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``path`` whole or not at all; a failure (full disk, read-only folder) is a CdrError."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename too survives a power cut
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CdrError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -304,6 +315,7 @@ class Output:
         self.rejected_lines: set[int] = set()
         self._out: IO[bytes] | None = None
         self._rej: IO[bytes] | None = None
+        self._synced = time.monotonic()
         self.rejects_path: Path | None = None
         if cfg.rejects == "-" or (cfg.rejects is None and self.to_stdout):
             self.rejects_path = None
@@ -353,9 +365,11 @@ class Output:
                         for ln in _scan_ids(self.rejects_path, "line"):
                             self.rejected_lines.add(int(ln))
                 _atomic_write_json(meta_path(cfg.output), {**cfg.meta, "numerics": cfg.numerics, "status": "running"})
-            except BaseException:  # e.g. settings differ: release the lock, do not leak the file
+            except BaseException as e:  # e.g. settings differ: release the lock, do not leak the file
                 self._out = None
                 f.close()
+                if isinstance(e, OSError):  # e.g. a read-only folder: the torn-tail repair cannot write
+                    raise CdrError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
                 raise
         return len(self.done_ids)
 
@@ -375,9 +389,16 @@ class Output:
             )
 
     def write(self, obj: dict[str, Any]) -> None:
+        """Append one line.  orjson.JSONEncodeError (nothing written): the record
+        cannot be serialized.  OSError: the line may be torn; resume repairs it."""
         assert self._out is not None
         self._out.write(orjson.dumps(obj) + b"\n")
         self._out.flush()
+        if not self.to_stdout and time.monotonic() - self._synced >= FSYNC_SECONDS:
+            for f in (self._out, self._rej):
+                if f is not None:
+                    os.fsync(f.fileno())
+            self._synced = time.monotonic()
 
     def reject(self, rej: Reject) -> bool:
         """Record a reject once; return False if it was already recorded."""
@@ -391,21 +412,36 @@ class Output:
             except OSError as e:
                 raise CdrError(f"cannot write {self.rejects_path}: {e.strerror}") from None
         if self._rej is not None:
-            self._rej.write(line)
-            self._rej.flush()
+            try:
+                self._rej.write(line)
+                self._rej.flush()
+            except OSError as e:
+                raise CdrError(
+                    f"cannot write {self.rejects_path}: {e.strerror or e}; everything before line {rej.line} is saved, rerun with --resume"
+                ) from None
         else:
             sys.stderr.write(f"rejected line {rej.line}: {rej.reason}\n")
         return True
 
     def close(self, summary: RunSummary, failed: bool = False) -> None:
+        """Close the files and record the final status.  With ``failed`` (an error is
+        on its way up) nothing here may replace that error: a full disk that broke a
+        write also breaks the sidecar; the sidecar then keeps saying "running"."""
         for f in (self._out, self._rej):
             if f is not None and f is not sys.stdout.buffer:
+                # after a failed write the buffer may still hold a piece of a line:
+                # flushing it again fails again, and resume cuts what did get out
                 with contextlib.suppress(OSError):
+                    f.flush()
                     os.fsync(f.fileno())
-                f.close()
-        if self.to_stdout and self._out is not None:
-            self._out.flush()
-        if not self.to_stdout:
+                with contextlib.suppress(OSError):
+                    f.close()
+        if self.to_stdout:
+            if self._out is not None:
+                with contextlib.suppress(OSError) if failed else contextlib.nullcontext():
+                    self._out.flush()
+            return
+        try:
             _atomic_write_json(
                 meta_path(self.cfg.output),
                 {
@@ -422,6 +458,9 @@ class Output:
                     },
                 },
             )
+        except CdrError:
+            if not failed:
+                raise
 
 
 def run(
@@ -447,40 +486,43 @@ def run(
     hasher = hashlib.sha256()
     t0 = time.perf_counter()
     failed = False
+
+    def reject(rej: Reject) -> None:
+        if out.reject(rej):  # False: recorded by the run this one resumes
+            summary.rejected += 1
+        events.reject(rej)
+
     try:
         for lineno, raw in _selected_lines(cfg, hasher):
+            if cfg.limit is not None and summary.done >= cfg.limit:
+                # read on (the input's sha256) but record nothing more, not even rejects:
+                # the resumed run records them, in input order, as one whole run would
+                continue
             item = parse(raw, lineno)
             if item is None:
                 continue
             if isinstance(item, Reject):
-                if out.reject(item):
-                    summary.rejected += 1
-                events.reject(item)
+                reject(item)
                 continue
             key = _id_key(item.id)
             if key in seen:
-                rej = Reject(lineno, f"duplicate id {item.id!r}", id=item.id)
-                if out.reject(rej):
-                    summary.rejected += 1
-                events.reject(rej)
+                reject(Reject(lineno, f"duplicate id {item.id!r}", id=item.id))
                 continue
             seen.add(key)
             if key in out.done_ids:
                 continue
-            if cfg.limit is not None and summary.done >= cfg.limit:
-                continue
             try:
                 obj, stats = task.process(item)
             except RecordError as e:
-                rej = Reject(lineno, str(e), id=item.id, detail=e.detail)
-                if out.reject(rej):
-                    summary.rejected += 1
-                events.reject(rej)
+                reject(Reject(lineno, str(e), id=item.id, detail=e.detail))
                 continue
             try:
                 out.write(obj)
+            except orjson.JSONEncodeError as e:  # e.g. a pass-through field nested too deep
+                reject(Reject(lineno, f"output cannot be written as JSON: {e}", id=item.id))
+                continue
             except OSError as e:
-                raise CdrError(f"cannot write {cfg.output}: {e.strerror}; everything before line {lineno} is saved, rerun with --resume") from None
+                raise CdrError(f"cannot write {cfg.output}: {e.strerror or e}; everything before line {lineno} is saved, rerun with --resume") from None
             summary.done += 1
             summary.tokens += int(stats.get("tokens", 0))
             summary.truncated += int(stats.get("truncated", 0))

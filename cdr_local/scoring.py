@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .chat import Message, resolve_template, split_template
+from .chat import Message, TemplateError, resolve_template, split_template
 from .engine import ScoreRequest
 
 if TYPE_CHECKING:
@@ -64,6 +64,10 @@ class ChatSide:
         self.template = resolve_template(model.chat_template(), fallback_template, model.name)
         self.bos_text = model.token_text(model.bos_id) if model.bos_id >= 0 else ""
         self.eos_text = model.token_text(model.eos_id) if model.eos_id >= 0 else ""
+        try:  # a template that cannot render one question fails here, once, not on every record
+            split_template(self.template, with_system([Message("user", "Hi")], system), bos_token=self.bos_text, eos_token=self.eos_text)
+        except TemplateError as e:
+            raise TemplateError(f"model {model.name!r}: {e}") from None
 
     def tokenize(self, messages: Sequence[Message], responses: Sequence[str]) -> Tokenized:
         m = self.model

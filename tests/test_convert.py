@@ -102,3 +102,24 @@ def test_unknown_convert_type_is_a_config_error(tmp_path: Path) -> None:
     reg.write_text('[models.m]\npath = "x.gguf"\nconvert = "q2"\n')
     with pytest.raises(ConfigError, match=r"models\.m\.convert.*one of f16, bf16, q8_0, f32"):
         M.load_registry(reg)
+
+
+def test_recorded_sha_is_the_converted_files(tiny_bos_model: Path, tmp_path: Path) -> None:
+    """Outputs record the digest of the file that runs; the source's is still checked."""
+    from cdr_local.pair import model_sha256
+
+    spec = _registry(tmp_path, tiny_bos_model, f'sha256 = "{_sha(tiny_bos_model)}"').model("m")
+    path = M.resolve(spec)
+    assert model_sha256(spec, path) == _sha(path) != _sha(tiny_bos_model)
+    bad = _registry(tmp_path, tiny_bos_model, f'sha256 = "{"1" * 64}"').model("m")
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        model_sha256(bad, path)
+
+
+def test_truncated_converted_file_fails_check(tiny_bos_model: Path, tmp_path: Path) -> None:
+    spec = _registry(tmp_path, tiny_bos_model).model("m")
+    path = M.resolve(spec)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    check = M.verify(spec)
+    assert not check.ok and "converted file" in check.message and "truncated" in check.message

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tinygguf import minimal_gguf
 
 from cdr_local import models as M
 from cdr_local.errors import CdrError, ConfigError, ModelError
@@ -28,8 +29,8 @@ from cdr_local.errors import CdrError, ConfigError, ModelError
 # Fixtures: fake model wheels and a registry pointing at them
 # ---------------------------------------------------------------------------
 
-# 1.5 MiB so that the 1 MiB read loop runs more than once; starts with GGUF.
-GGUF_BYTES = b"GGUF" + bytes(range(256)) * (3 * 2048 - 1) + b"tail"
+# 1.5 MiB so that the 1 MiB read loop runs more than once; a structurally whole GGUF.
+GGUF_BYTES = minimal_gguf(bytes(range(256)) * (3 * 2048 - 1) + b"tail")
 CHUNKS = [GGUF_BYTES[:600_000], GGUF_BYTES[600_000:1_000_000], GGUF_BYTES[1_000_000:]]
 GOOD_SHA = hashlib.sha256(GGUF_BYTES).hexdigest()
 BAD_SHA = "0" * 64

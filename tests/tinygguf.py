@@ -35,6 +35,7 @@ __all__ = [
     "build_corrupt_variants",
     "build_tiny_llama",
     "bytes_to_unicode",
+    "minimal_gguf",
     "tiny_vocab",
 ]
 
@@ -224,3 +225,20 @@ def build_corrupt_variants(dir: Path, good: Path) -> dict[str, Path]:
     out["random"].write_bytes(np.random.default_rng(1234).bytes(len(data)))
     out["empty"].write_bytes(b"")
     return out
+
+
+def minimal_gguf(data: bytes, *, name: str = "fake") -> bytes:
+    """A structurally whole GGUF (v3) holding ``data`` as one I8 tensor, built with
+    the stdlib only: not a model llama.cpp can run, but one that passes the
+    header/size check of ``cdr_local.gguf_check`` (and whose any prefix fails it)."""
+    import struct
+
+    def string(s: str) -> bytes:
+        b = s.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    kv = string("general.name") + struct.pack("<I", 8) + string(name)
+    info = string("data") + struct.pack("<I", 1) + struct.pack("<Q", len(data)) + struct.pack("<IQ", 24, 0)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv + info
+    head += b"\0" * (-len(head) % 32)
+    return head + data

@@ -99,14 +99,14 @@ def pairs(
         emb_meta: dict[str, Any] = {}
         if needs_emb:
             from ..engine.llama import LlamaModel
-            from ..pair import file_sha256
+            from ..pair import model_sha256
 
             name = embed_model or reg.pair(pair).strong.model
             spec = reg.model(name)
             path = resolve(spec, pull=not no_pull, progress=say)
             em = LlamaModel(path, engine_settings(reg, overrides), name=name, embeddings=True)
             closers.append(em)
-            sha = spec.sha256 or file_sha256(path)
+            sha = model_sha256(spec, path)
             embedder = Embedder(em, sha)
             closers.append(embedder)
             emb_meta = {"embed_model": name, "embed_model_sha256": sha, "embedding": "mean of final hidden states of the response alone"}

@@ -52,7 +52,7 @@ def synth(
     from ..engine.llama import LlamaModel
     from ..errors import CdrError
     from ..models import load_registry, resolve
-    from ..pair import LoadedPair, file_sha256
+    from ..pair import LoadedPair, model_sha256
     from ..pipeline import RunConfig, run
     from ..records import parse_prompt_line
     from ..scoring import ChatSide
@@ -84,7 +84,7 @@ def synth(
         task = SynthTask(side, t, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, verifier=verifier, keep=keep)
         from ..engine.llama import library_version
 
-        gen_meta: dict[str, Any] = {**task.generation_settings(), "model_sha256": spec.sha256 or file_sha256(path)}
+        gen_meta: dict[str, Any] = {**task.generation_settings(), "model_sha256": model_sha256(spec, path)}
         meta: dict[str, Any] = {"command": "synth", "input": input, "generation": gen_meta, "keep": keep,
                                 "engine": settings.to_json(), "llama_cpp_python": library_version()}
         numerics: dict[str, Any] = {**{f"generation.{k}": v for k, v in gen_meta.items()},

@@ -177,6 +177,12 @@ class _Weights:
         model = ll.llama_model_load_from_file(str(path).encode(), mp)
         if not model:
             why = _last_error()
+            from ..gguf_check import gguf_problem
+
+            try:  # llama.cpp often says only "failed to load model": say what is wrong
+                why = gguf_problem(path) or why
+            except OSError:
+                pass
             raise ModelError(
                 f"cannot load model {name!r} from {path}: {why or 'llama.cpp rejected the file (corrupt or unsupported GGUF)'}"
             )
