@@ -29,7 +29,8 @@ sequences per llama_decode; prompt/response length.  ``--memory`` runs
 ``cdr annotate`` on generated short records with a tiny model and reports peak
 RSS at each size.
 
-    python benchmarks/bench.py --hf --scaling --memory --json bench.json
+    python benchmarks/bench.py --hf --scaling --json bench.json
+    python benchmarks/bench.py --workloads none --memory --json bench-memory.json
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -438,6 +440,7 @@ def bench_memory(args: argparse.Namespace, out: dict[str, Any]) -> None:
         inp.unlink()
         outp.unlink()
     out["memory"] = res
+    shutil.rmtree(tmp, ignore_errors=True)
     if len(res) > 1:
         out["memory_ratio_last_first"] = res[-1]["peak_rss_mib"] / res[0]["peak_rss_mib"]
 
@@ -507,7 +510,7 @@ def main() -> None:
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--hf", action="store_true", help="also run transformers + torch (CPU)")
-    ap.add_argument("--no-pair", action="store_true", help="skip the pair workload")
+    ap.add_argument("--workloads", default="single,pair", help="comma list of single, pair (or none)")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--memory-records", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 100000])
@@ -516,8 +519,10 @@ def main() -> None:
     E._llama()  # silence llama.cpp's log before anything loads
     threads = EngineSettings(n_threads=args.threads).threads()
     out: dict[str, Any] = {"machine": machine(), "threads": threads, "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    bench_workload("single", args, args.pair, ["strong"], out)
-    if not args.no_pair:
+    workloads = [w for w in args.workloads.split(",") if w and w != "none"]
+    if "single" in workloads:
+        bench_workload("single", args, args.pair, ["strong"], out)
+    if "pair" in workloads:
         bench_workload("pair", args, args.pair, ["strong", "weak"], out)
     if args.scaling:
         bench_scaling(args, out)
