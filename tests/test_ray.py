@@ -1,0 +1,260 @@
+"""``--ray``: the same output as a local run, on a local two-node Ray cluster.
+
+The cluster (``ray.cluster_utils.Cluster``: a head and one more node, one CPU
+each, on loopback) is started once for the module.  Checked: a ``--ray`` run's
+output, rejects and metadata equal a local run's (annotate and eval); an actor
+SIGKILLed mid-run is replaced and nothing is lost or duplicated; a driver
+SIGKILLed mid-run is resumed with ``--resume``, which scores only the
+partitions that were not finished; a local run's partial output is finished
+on Ray.  Skipped when ray is not installed (``pip install 'cdr-local[ray]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from test_cli import CDR, WORDS, _env, assert_clean_stderr, assert_user_error, cdr, jsonl
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+N = 120  # records: enough that a run lasts a few seconds, so kills land mid-run
+BAD = {5: b'{"id": "bad-json", ', 50: b'{"id": "no-rejected", "prompt": "p", "chosen": "c"}', 51: b'{"id": "r003", "prompt": "dup", "chosen": "a", "rejected": "b"}'}
+
+
+def _ray_available() -> bool:
+    try:
+        import ray  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+ray_only = pytest.mark.skipif(not _ray_available(), reason="ray is not installed (pip install 'cdr-local[ray]')")
+
+
+@pytest.fixture(scope="module")
+def ray_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    r = random.Random(99)
+
+    def words(a: int, b: int) -> str:
+        return " ".join(r.choice(WORDS) for _ in range(r.randint(a, b)))
+
+    lines: list[bytes] = []
+    for i in range(N):
+        while len(lines) + 1 in BAD:
+            lines.append(BAD[len(lines) + 1])
+        lines.append(orjson.dumps({"id": f"r{i:03d}", "prompt": words(8, 25) + "?", "chosen": words(20, 40) + ".",
+                                   "rejected": words(20, 40) + ".", "subset": "s", "section": "Chat"}))
+    p = tmp_path_factory.mktemp("ray-input") / "in.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    return p
+
+
+def _args(inp: Path, out: Path, reg: Path, *extra: Any) -> list[Any]:
+    return ["annotate", inp, "-o", out, "--models", reg, "--threads", "1", "-q", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_input: Path, tiny_registry: Path) -> dict[str, Any]:
+    """A local run: output, rejects and metadata."""
+    out = ray_input.parent / "local.jsonl"
+    p = cdr(*_args(ray_input, out, tiny_registry), home=ray_input.parent / "home")
+    assert p.returncode == 0, p.stderr
+    data = out.read_bytes()
+    assert len(jsonl(data)) == N
+    return {"out": data, "rejects": (ray_input.parent / "local.rejects.jsonl").read_bytes(),
+            "meta": orjson.loads(Path(str(out) + ".meta.json").read_bytes())}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A head and a second node (one CPU each) on this machine; yields the address."""
+    if not _ray_available():
+        pytest.skip("ray is not installed (pip install 'cdr-local[ray]')")
+    from ray.cluster_utils import Cluster  # type: ignore[import-not-found,unused-ignore]
+
+    # the nodes' processes (and so the actors) inherit this environment:
+    # their own CDR_HOME, and the tests folder importable (tests/ray_helpers.py)
+    saved = dict(os.environ)
+    os.environ["CDR_HOME"] = str(tmp_path_factory.mktemp("ray-node-home"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(REPO), saved.get("PYTHONPATH", "")) if p)
+    try:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        yield c.address
+    finally:
+        c.shutdown()
+
+
+def _same_as_local(out: Path, ref: dict[str, Any], command: str = "annotate", resumed: bool = False) -> dict[str, Any]:
+    assert out.read_bytes() == ref["out"]  # same ids, same scores, same order, same bytes
+    assert Path(str(out)[: -len(".jsonl")] + ".rejects.jsonl").read_bytes() == ref["rejects"]
+    meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
+    assert meta["status"] == "complete"
+    assert not Path(str(out) + ".parts").exists()  # merged and cleaned up
+    ray_info = meta.pop("ray")
+    a, b = dict(meta), dict(ref["meta"])
+    for m in (a, b):
+        # a resumed run counts only what it did itself
+        m["counts"] = {} if resumed else {k: v for k, v in m["counts"].items() if k != "seconds_this_run"}
+        m.pop("command")
+    assert a == b
+    assert meta["command"] == command
+    return ray_info
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return -1
+
+
+def test_missing_extra_is_a_one_line_error(ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
+    code = "import sys; sys.modules['ray'] = None; from cdr_local.cli import main; main()"
+    p = subprocess.run([sys.executable, "-c", code, *map(str, _args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray"))],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    line = assert_user_error(p)
+    assert "cdr-local[ray]" in line
+
+
+@ray_only
+@pytest.mark.ray
+def test_ray_run_equals_local(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    p = cdr(*_args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "7"), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert_clean_stderr(p.stderr)
+    info = _same_as_local(out, ref=reference)
+    assert info["nodes"] == 2 and info["actors"] == 2  # one actor per node by default
+    assert info["this_run"]["partitions"] == info["this_run"]["scored"] == -(-(N + len(BAD)) // 7)
+
+
+@ray_only
+@pytest.mark.ray
+def test_ray_eval_equals_local(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.jsonl"
+    p = cdr("eval", ray_input, "-o", out, "--models", tiny_registry, "--threads", "1", "-q", "--bootstrap", "50",
+            "--ray", cluster, "--ray-partition-size", "16", timeout=300)
+    assert p.returncode == 0, p.stderr
+    _same_as_local(out, reference, command="eval")
+    assert (tmp_path / "eval.report.json").exists()
+
+
+@ray_only
+@pytest.mark.ray
+def test_actor_killed_mid_run(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
+    """SIGKILL one actor process while it scores: Ray restarts it and retries; the output is whole."""
+    from ray_helpers import SlowFactory
+
+    from cdr_local.cli.annotate import ScoringSpec
+    from cdr_local.distributed import RayOptions, run_on_ray
+    from cdr_local.models import load_registry
+    from cdr_local.pair import settings_from
+    from cdr_local.pipeline import RunConfig
+    from cdr_local.profiles import load_profile
+    from cdr_local.records import parse_line
+
+    reg = load_registry(tiny_registry)
+    factory = SlowFactory(ScoringSpec(reg, None, settings_from(reg, n_threads=1), load_profile("none"), None, True), 0.03)
+    out = tmp_path / "out.jsonl"
+    cfg = RunConfig(input=str(ray_input), output=str(out), meta={"command": "annotate", "input": str(ray_input)})
+    killed: list[int] = []
+
+    def killer() -> None:
+        t_end = time.monotonic() + 120
+        while time.monotonic() < t_end and not killed:
+            if _lines(out) >= 10:
+                for pid in _actor_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+            time.sleep(0.01)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    summary = run_on_ray(cfg, parse_line, factory, RayOptions(address=cluster, partition_size=5))
+    t.join(timeout=5)
+    assert killed, "no actor was killed"
+    assert summary.done == N
+    rows = jsonl(out.read_bytes())
+    assert len({r["id"] for r in rows}) == len(rows) == N
+    assert out.read_bytes() == reference["out"]
+
+
+def _actor_pids() -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::PartitionScorer.score"):
+                pids.append(int(d.name))
+    return pids
+
+
+@ray_only
+@pytest.mark.ray
+def test_driver_sigkill_then_resume(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    args = _args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "4")
+    proc = subprocess.Popen([*CDR, *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=_env())
+    parts = Path(str(out) + ".parts")
+    t_end = time.monotonic() + 240
+    while _lines(out) < 30:
+        if proc.poll() is not None:
+            pytest.fail(f"cdr finished before the kill point (rc {proc.returncode}): {proc.stderr.read().decode() if proc.stderr else ''}")
+        if time.monotonic() > t_end:
+            proc.kill()
+            pytest.fail("timed out waiting for the kill point")
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    partial = out.read_bytes()
+    assert reference["out"].startswith(partial[: partial.rfind(b"\n") + 1])
+    assert partial.count(b"\n") < N, "the run finished before it was killed"
+    assert parts.is_dir()
+    p = cdr(*args, "--resume", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert_clean_stderr(p.stderr)
+    info = _same_as_local(out, reference, resumed=True)
+    run = info["this_run"]
+    total = -(-(N + len(BAD)) // 4)
+    assert run["partitions"] == total
+    # only unfinished partitions are scored again: not those already merged into
+    # the output, nor those whose part file was written before the kill
+    assert run["scored"] <= total - 30 // 4
+
+
+@ray_only
+@pytest.mark.ray
+def test_ray_finishes_a_local_run(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
+    """A local run's partial output, resumed on Ray (and the numerics guard agrees: same settings)."""
+    out = tmp_path / "out.jsonl"
+    p = cdr(*_args(ray_input, out, tiny_registry, "--limit", "50"))
+    assert p.returncode == 0, p.stderr
+    p = cdr(*_args(ray_input, out, tiny_registry, "--resume", "--ray", cluster), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == reference["out"]
+    meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
+    assert meta["counts"]["already_done"] == 50 and meta["counts"]["written_this_run"] == N - 50
