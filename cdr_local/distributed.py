@@ -527,10 +527,13 @@ def _drive(
                     pool.submit(p)
                 else:
                     p.ready = True
+            merged = bool(pending and pending[0].ready)
             while pending and pending[0].ready:
                 merge(pending.popleft())
             if not reading and not pending:
                 break
+            if merged:
+                continue  # room to read ahead again before waiting
             for p, rows in pool.wait_one():
                 p.rows.update({int(r["line"]): r for r in rows})
                 p.todo = []

