@@ -383,9 +383,25 @@ def _partitions(
         yield cur
 
 
+def _reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when nothing listens at HOST:PORT (Ray itself retries for long)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local", or a form Ray will judge
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise CdrError(f"ray: nothing answers at {address} ({e.strerror or e}); start the head with `ray start --head`") from None
+
+
 def _connect(ray: Any, address: str | None) -> None:
     import logging
 
+    if address:
+        _reachable(address)
     try:
         ray.init(address=address or None, logging_level=logging.ERROR, log_to_driver=True)
     except ConnectionError as e:

@@ -33,11 +33,9 @@ BAD = {5: b'{"id": "bad-json", ', 50: b'{"id": "no-rejected", "prompt": "p", "ch
 
 
 def _ray_available() -> bool:
-    try:
-        import ray  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
 
 
 ray_only = pytest.mark.skipif(not _ray_available(), reason="ray is not installed (pip install 'cdr-local[ray]')")
@@ -114,22 +112,27 @@ def cluster(node_homes: list[Path], wheels: Path) -> Iterator[str]:
     """
     if not _ray_available():
         pytest.skip("ray is not installed (pip install 'cdr-local[ray]')")
-    from ray.cluster_utils import Cluster  # type: ignore[import-not-found,unused-ignore]
-
     # the nodes' processes (and so the actors) inherit this environment; the
     # tests folder is importable there (tests/ray_helpers.py)
     saved = dict(os.environ)
+    # everything on loopback: Ray would otherwise use the machine's network address
+    # (read when ray is first imported: the drivers, in-process or not, see it too)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray.cluster_utils import Cluster  # type: ignore[import-not-found,unused-ignore]
+
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(REPO), saved.get("PYTHONPATH", "")) if p)
     os.environ["CDR_PIP_ARGS"] = f"--no-index --find-links {wheels}"
     c = None
     try:
         os.environ["CDR_HOME"] = str(node_homes[0])
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
         os.environ["CDR_HOME"] = str(node_homes[1])
-        c.add_node(num_cpus=1)
+        c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         c.wait_for_nodes()
         os.environ.clear()
         os.environ.update(saved)
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        assert c.address.startswith("127.0.0.1:"), c.address
         yield c.address
     finally:
         os.environ.clear()
@@ -160,6 +163,15 @@ def _lines(path: Path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return -1
+
+
+@ray_only
+@pytest.mark.ray
+def test_nobody_at_the_address_is_a_quick_user_error(ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    p = cdr(*_args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray", "127.0.0.1:1"))
+    assert "nothing answers at 127.0.0.1:1" in assert_user_error(p)
+    assert time.monotonic() - t0 < 30
 
 
 def test_missing_extra_is_a_one_line_error(ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
