@@ -383,7 +383,7 @@ def _partitions(
         yield cur
 
 
-def _reachable(address: str) -> None:
+def _reachable(ray: Any, address: str) -> None:
     """Fail in seconds, not minutes, when nothing listens at HOST:PORT (Ray itself retries for long)."""
     import socket
 
@@ -391,17 +391,29 @@ def _reachable(address: str) -> None:
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         return  # "auto", "local", or a form Ray will judge
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as e:
-        raise CdrError(f"ray: nothing answers at {address} ({e.strerror or e}); start the head with `ray start --head`") from None
+    candidates = [(host.strip("[]"), int(port))]
+    try:  # Ray dials a local-host address at this node's own IP instead
+        node_ip = ray.util.get_node_ip_address()
+        if host in ("localhost", "127.0.0.1", "::1", "[::1]") and node_ip:
+            candidates.append((node_ip, int(port)))
+    except Exception:
+        pass
+    err: OSError | None = None
+    for c in candidates:
+        try:
+            socket.create_connection(c, timeout=5).close()
+            return
+        except OSError as e:
+            err = e
+    assert err is not None
+    raise CdrError(f"ray: nothing answers at {address} ({err.strerror or err}); start the head with `ray start --head`")
 
 
 def _connect(ray: Any, address: str | None) -> None:
     import logging
 
     if address:
-        _reachable(address)
+        _reachable(ray, address)
     try:
         ray.init(address=address or None, logging_level=logging.ERROR, log_to_driver=True)
     except ConnectionError as e:

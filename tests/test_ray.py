@@ -32,6 +32,10 @@ N = 120  # records: enough that a run lasts a few seconds, so kills land mid-run
 BAD = {5: b'{"id": "bad-json", ', 50: b'{"id": "no-rejected", "prompt": "p", "chosen": "c"}', 51: b'{"id": "r003", "prompt": "dup", "chosen": "a", "rejected": "b"}'}
 
 
+# Ray on Linux dials "127.0.0.1" at the machine's network address; this keeps it on loopback
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def _ray_available() -> bool:
     import importlib.util
 
@@ -117,7 +121,7 @@ def cluster(node_homes: list[Path], wheels: Path) -> Iterator[str]:
     saved = dict(os.environ)
     # everything on loopback: Ray would otherwise use the machine's network address
     # (read when ray is first imported: the drivers, in-process or not, see it too)
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.update(LOOPBACK)
     from ray.cluster_utils import Cluster  # type: ignore[import-not-found,unused-ignore]
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(REPO), saved.get("PYTHONPATH", "")) if p)
@@ -131,7 +135,7 @@ def cluster(node_homes: list[Path], wheels: Path) -> Iterator[str]:
         c.wait_for_nodes()
         os.environ.clear()
         os.environ.update(saved)
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.update(LOOPBACK)
         assert c.address.startswith("127.0.0.1:"), c.address
         yield c.address
     finally:
@@ -169,7 +173,7 @@ def _lines(path: Path) -> int:
 @pytest.mark.ray
 def test_nobody_at_the_address_is_a_quick_user_error(ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    p = cdr(*_args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray", "127.0.0.1:1"))
+    p = _cdr_env(LOOPBACK, *_args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray", "127.0.0.1:1"))
     assert "nothing answers at 127.0.0.1:1" in assert_user_error(p)
     assert time.monotonic() - t0 < 30
 
