@@ -96,6 +96,15 @@ class RayOptions:
     max_attempts: int = 4  # the driver resubmits a partition whose actor is gone for good
     per_actor: int = 2  # partitions queued on one actor at once (keeps it busy between results)
 
+    def for_settings(self, settings: Any) -> RayOptions:
+        """The resources each actor reserves, from the engine settings: the threads
+        it runs (1 when the engine takes all cores of its node: actors are spread
+        one per node), and one GPU when layers are offloaded."""
+        from dataclasses import replace
+
+        n = int(settings.n_threads)
+        return replace(self, num_cpus=float(n if n > 0 else 1), num_gpus=1.0 if settings.n_gpu_layers != 0 else 0.0)
+
 
 def import_ray() -> Any:
     """``ray``, or a one-line user error naming the extra."""
@@ -104,13 +113,6 @@ def import_ray() -> Any:
     except ImportError:
         raise CdrError(f"--ray needs the ray extra: {RAY_EXTRA_HINT}") from None
     return ray
-
-
-def resources_for(n_threads: int, n_gpu_layers: int) -> tuple[float, float]:
-    """(num_cpus, num_gpus) an actor reserves, from the engine settings: the
-    threads it runs (1 when the engine takes all cores of its node: actors are
-    spread one per node), and one GPU when layers are offloaded."""
-    return float(n_threads if n_threads > 0 else 1), (1.0 if n_gpu_layers != 0 else 0.0)
 
 
 # ---------------------------------------------------------------------------

@@ -347,3 +347,23 @@ def test_each_node_pulls_the_models(
 def _cdr_env(extra: dict[str, str], *args: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CDR, *map(str, args)], capture_output=True, text=True, timeout=300,
                           env={**_env(), **extra}, stdin=subprocess.DEVNULL)
+
+
+@ray_only
+@pytest.mark.ray
+def test_ray_pairs_equals_local(cluster: str, tiny_registry: Path, tmp_path: Path) -> None:
+    """``cdr pairs`` through --ray: scored on the fly and embedded on the actors, same rows and rejects."""
+    r = random.Random(5)
+    inp = tmp_path / "n.jsonl"
+    rows = [{"id": f"n{i}", "prompt": " ".join(r.choice(WORDS) for _ in range(12)),
+             "responses": [" ".join(r.choice(WORDS) for _ in range(r.randint(5, 30))) for _ in range(3)]} for i in range(30)]
+    rows[7]["responses"] = ["same", "same", "same"]  # all rewards tie: skipped, with the reason
+    inp.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in rows))
+    outs = {}
+    for name, extra in (("local", []), ("ray", ["--ray", cluster, "--ray-partition-size", "4"])):
+        out = tmp_path / f"{name}.jsonl"
+        p = cdr("pairs", inp, "-o", out, "--strategy", "real-hard", "--models", tiny_registry, "--threads", "1", "-q", *extra, timeout=300)
+        assert p.returncode == 0, p.stderr
+        outs[name] = (out.read_bytes(), (tmp_path / f"{name}.rejects.jsonl").read_bytes())
+    assert outs["ray"] == outs["local"]
+    assert len(jsonl(outs["ray"][0])) == 29 and b'"line":8' in outs["ray"][1]

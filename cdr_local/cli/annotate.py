@@ -95,15 +95,11 @@ def run_scoring(command: str, input: str, output: str, pair: str | None, models:
     spec = ScoringSpec(reg, pair, engine_settings(reg, overrides), prof, router, not no_pull)
     display = RunDisplay(f"{command} [{reg.pair(pair).name}/{prof.name}]", quiet=quiet, plain=True if plain else None)
     if ray is not None:
-        from dataclasses import replace
+        from ..distributed import run_on_ray
 
-        from ..distributed import resources_for, run_on_ray
-
-        cpus, gpus = resources_for(spec.settings.n_threads, spec.settings.n_gpu_layers)
-        ray = replace(ray, num_cpus=cpus, num_gpus=gpus)
         cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
                         meta={"command": command, "input": input}, limit=limit, select=select)
-        return run_on_ray(cfg, parse_line, spec, ray, display)
+        return run_on_ray(cfg, parse_line, spec, ray.for_settings(spec.settings), display)
     built = spec()
     try:
         cfg = RunConfig(
