@@ -251,6 +251,15 @@ class _Pool:
         self.actors.append(a)
         self.describing[a.handle.describe.remote()] = a
 
+    def close(self) -> None:
+        """Stop the actors now (an interrupted run leaves calls in flight)."""
+        for a in self.actors:
+            try:
+                self.ray.kill(a.handle, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+
     def start(self) -> dict[str, Any]:
         """Wait until one actor has loaded the task; return its description."""
         while self.reference is None:
@@ -416,10 +425,19 @@ def _connect(ray: Any, address: str | None) -> None:
 
     if address:
         _reachable(ray, address)
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
     try:
         ray.init(address=address or None, logging_level=logging.ERROR, log_to_driver=True)
     except ConnectionError as e:
         raise CdrError(f"ray: cannot connect to {address or 'a cluster'}: {e}") from None
+    if main and handler is not None:
+        # Ray's core worker resets SIGINT to its default (kill the process); Ctrl-C must
+        # stay a KeyboardInterrupt so the run stops cleanly, as a local one does
+        signal.signal(signal.SIGINT, handler)
 
 
 def _default_actors(ray: Any, opts: RayOptions) -> int:
@@ -462,6 +480,7 @@ def run_on_ray(
     if cfg.select is not None:
         cfg.meta["selected_lines"] = len(cfg.select)
     _connect(ray, opts.address)
+    pool: _Pool | None = None
     try:
         n = opts.actors or _default_actors(ray, opts)
         pool = _Pool(ray, factory, parse, opts, n)
@@ -479,6 +498,8 @@ def run_on_ray(
         cfg.meta["ray"] = info
         return _drive(cfg, parse, pool, opts, events, total, info)
     finally:
+        if pool is not None:
+            pool.close()
         ray.shutdown()
 
 
