@@ -263,22 +263,47 @@ def _actor_pids() -> list[int]:
     return pids
 
 
-@ray_only
-@pytest.mark.ray
-def test_driver_sigkill_then_resume(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out.jsonl"
-    args = _args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "4")
+def _start_and_wait(args: list[Any], out: Path, lines: int) -> subprocess.Popen[bytes]:
+    # SIGINT must reach Python's handler even if pytest runs with SIGINT ignored
     proc = subprocess.Popen([*CDR, *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=_env())
-    parts = Path(str(out) + ".parts")
+                            stderr=subprocess.PIPE, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t_end = time.monotonic() + 240
-    while _lines(out) < 30:
+    while _lines(out) < lines:
         if proc.poll() is not None:
             pytest.fail(f"cdr finished before the kill point (rc {proc.returncode}): {proc.stderr.read().decode() if proc.stderr else ''}")
         if time.monotonic() > t_end:
             proc.kill()
             pytest.fail("timed out waiting for the kill point")
         time.sleep(0.005)
+    return proc
+
+
+@ray_only
+@pytest.mark.ray
+def test_ctrl_c_then_resume(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    args = _args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "4")
+    proc = _start_and_wait(args, out, 20)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert "Traceback" not in err.decode()
+    partial = out.read_bytes()
+    assert partial.endswith(b"\n") and reference["out"].startswith(partial) and partial.count(b"\n") < N
+    assert orjson.loads(Path(str(out) + ".meta.json").read_bytes())["status"] == "interrupted"
+    p = cdr(*args, "--resume", timeout=300)
+    assert p.returncode == 0, p.stderr
+    _same_as_local(out, reference, resumed=True)
+
+
+@ray_only
+@pytest.mark.ray
+def test_driver_sigkill_then_resume(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    args = _args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "4")
+    parts = Path(str(out) + ".parts")
+    proc = _start_and_wait(args, out, 30)
     proc.kill()
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
