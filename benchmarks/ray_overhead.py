@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback only (read when ray is imported)
-os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "

@@ -423,6 +423,8 @@ def _reachable(ray: Any, address: str) -> None:
 def _connect(ray: Any, address: str | None) -> None:
     import logging
 
+    # an offline tool: the Ray that cdr starts itself (and this driver) send no usage statistics
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         _reachable(ray, address)
     import signal

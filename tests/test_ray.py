@@ -32,8 +32,9 @@ N = 120  # records: enough that a run lasts a few seconds, so kills land mid-run
 BAD = {5: b'{"id": "bad-json", ', 50: b'{"id": "no-rejected", "prompt": "p", "chosen": "c"}', 51: b'{"id": "r003", "prompt": "dup", "chosen": "a", "rejected": "b"}'}
 
 
-# Ray on Linux dials "127.0.0.1" at the machine's network address; this keeps it on loopback
-LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray on Linux dials "127.0.0.1" at the machine's network address; the first variable
+# keeps it on loopback.  The second keeps it from reporting usage statistics.
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _ray_available() -> bool:
