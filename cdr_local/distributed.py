@@ -124,12 +124,18 @@ class PartitionScorer:
     """A Ray actor: builds the task once (loads the pair), then scores partitions."""
 
     def __init__(self, factory: TaskFactory, parse: Callable[[bytes, int], Record | Reject | None]) -> None:
-        self.built = factory()
         self.parse = parse
+        self.error: Exception | None = None
+        try:
+            self.built = factory()
+        except Exception as e:  # kept for describe(): Ray would only report "the actor died"
+            self.error = e
 
     def describe(self) -> dict[str, Any]:
         import socket
 
+        if self.error is not None:
+            raise self.error
         return {"meta": self.built.meta, "numerics": self.built.numerics, "host": socket.gethostname(), "pid": os.getpid()}
 
     def score(self, k: int, lines: list[tuple[int, bytes]]) -> tuple[int, list[dict[str, Any]]]:
@@ -301,10 +307,9 @@ class _Pool:
                 a = self.describing.pop(ref)
                 try:
                     desc = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    cause = _cause(e)
-                    if cause is not None:  # the task could not be built (missing model, bad pair...)
-                        raise cause from None
+                except ray.exceptions.RayTaskError as e:  # the task could not be built (missing model...)
+                    raise _cause(e) or e from None
+                except ray.exceptions.RayActorError:
                     self._drop(a)
                     continue
                 self._check(desc)

@@ -179,6 +179,15 @@ def test_nobody_at_the_address_is_a_quick_user_error(ray_input: Path, tiny_regis
     assert time.monotonic() - t0 < 30
 
 
+@ray_only
+@pytest.mark.ray
+def test_a_model_missing_on_the_nodes_is_a_one_line_error(cluster: str, ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
+    reg = tmp_path / "models.toml"
+    reg.write_text(tiny_registry.read_text() + '\n[models.gone]\npath = "/nonexistent/gone.gguf"\n\n[pairs.gone]\nstrong = "gone"\nweak = "gone"\n')
+    p = cdr(*_args(ray_input, tmp_path / "o.jsonl", reg, "--pair", "gone", "--ray", cluster), timeout=300)
+    assert "model 'gone': file not found: /nonexistent/gone.gguf" in assert_user_error(p)
+
+
 def test_missing_extra_is_a_one_line_error(ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
     code = "import sys; sys.modules['ray'] = None; from cdr_local.cli import main; main()"
     p = subprocess.run([sys.executable, "-c", code, *map(str, _args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray"))],
