@@ -126,8 +126,10 @@ class PartitionScorer:
     def __init__(self, factory: TaskFactory, parse: Callable[[bytes, int], Record | Reject | None]) -> None:
         self.parse = parse
         self.error: Exception | None = None
+        self.digest = ""
         try:
             self.built = factory()
+            self.digest = numerics_digest(self.built.numerics)
         except Exception as e:  # kept for describe(): Ray would only report "the actor died"
             self.error = e
 
@@ -138,7 +140,9 @@ class PartitionScorer:
             raise self.error
         return {"meta": self.built.meta, "numerics": self.built.numerics, "host": socket.gethostname(), "pid": os.getpid()}
 
-    def score(self, k: int, lines: list[tuple[int, bytes]]) -> tuple[int, list[dict[str, Any]]]:
+    def score(self, k: int, lines: list[tuple[int, bytes]]) -> tuple[str, list[dict[str, Any]]]:
+        """Result rows of one partition, and the digest of the settings they were scored
+        with (an actor that Ray restarted elsewhere was not described to the driver)."""
         rows: list[dict[str, Any]] = []
         for lineno, raw in lines:
             rec = self.parse(raw, lineno)
@@ -150,7 +154,11 @@ class PartitionScorer:
                 rows.append({"line": lineno, "id": rec.id, "reject": str(e), "detail": e.detail})
                 continue
             rows.append({"line": lineno, "id": rec.id, "obj": obj, "stats": stats})
-        return k, rows
+        return self.digest, rows
+
+
+def numerics_digest(numerics: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(numerics, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +327,7 @@ class _Pool:
                 p, a = self.inflight.pop(ref)
                 a.inflight -= 1
                 try:
-                    _k, rows = ray.get(ref)
+                    digest, rows = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     raise _cause(e) or e from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
@@ -329,6 +337,12 @@ class _Pool:
                         raise CdrError(f"ray: partition {p.k} failed on {p.attempts} actors; see the worker logs (ray logs)") from None
                     self.resubmit.append(p)
                     continue
+                assert self.reference is not None
+                if digest != numerics_digest(self.reference["numerics"]):
+                    raise CdrError(
+                        f"ray: partition {p.k} came back from an actor (restarted on another node?) whose settings that "
+                        "change scores differ from the first actor's; install the same versions and models on every node"
+                    )
                 out.append((p, rows))
         return out
 
@@ -432,19 +446,10 @@ def _connect(ray: Any, address: str | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         _reachable(ray, address)
-    import signal
-    import threading
-
-    main = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGINT) if main else None
     try:
         ray.init(address=address or None, logging_level=logging.ERROR, log_to_driver=True)
     except ConnectionError as e:
         raise CdrError(f"ray: cannot connect to {address or 'a cluster'}: {e}") from None
-    if main and handler is not None:
-        # Ray's core worker resets SIGINT to its default (kill the process); Ctrl-C must
-        # stay a KeyboardInterrupt so the run stops cleanly, as a local one does
-        signal.signal(signal.SIGINT, handler)
 
 
 def _default_actors(ray: Any, opts: RayOptions) -> int:
@@ -605,6 +610,7 @@ def _drive(
     finally:
         summary.seconds = time.perf_counter() - t0
         info["actors_lost"] = pool.lost
+        info["hosts"] = sorted({a.host for a in pool.actors if a.host})
         out.close(summary, failed)
         if parts is not None and (parts.temporary or not (failed or summary.interrupted)):
             parts.finish()
