@@ -24,7 +24,18 @@ from typing import Any
 
 import orjson
 import pytest
-from test_cli import CDR, WORDS, _env, assert_clean_stderr, assert_user_error, cdr, jsonl
+from test_cli import (
+    CDR,
+    WORDS,
+    _annotate_args,
+    _env,
+    _lines,
+    _wait_for,
+    assert_clean_stderr,
+    assert_user_error,
+    cdr,
+    jsonl,
+)
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -64,15 +75,11 @@ def ray_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def _args(inp: Path, out: Path, reg: Path, *extra: Any) -> list[Any]:
-    return ["annotate", inp, "-o", out, "--models", reg, "--threads", "1", "-q", *extra]
-
-
 @pytest.fixture(scope="module")
 def reference(ray_input: Path, tiny_registry: Path) -> dict[str, Any]:
     """A local run: output, rejects and metadata."""
     out = ray_input.parent / "local.jsonl"
-    p = cdr(*_args(ray_input, out, tiny_registry), home=ray_input.parent / "home")
+    p = cdr(*_annotate_args(ray_input, out, tiny_registry), home=ray_input.parent / "home")
     assert p.returncode == 0, p.stderr
     data = out.read_bytes()
     assert len(jsonl(data)) == N
@@ -163,18 +170,11 @@ def _same_as_local(out: Path, ref: dict[str, Any], command: str = "annotate", re
     return ray_info
 
 
-def _lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return -1
-
-
 @ray_only
 @pytest.mark.ray
 def test_nobody_at_the_address_is_a_quick_user_error(ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    p = _cdr_env(LOOPBACK, *_args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray", "127.0.0.1:1"))
+    p = _cdr_env(LOOPBACK, *_annotate_args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray", "127.0.0.1:1"))
     assert "nothing answers at 127.0.0.1:1" in assert_user_error(p)
     assert time.monotonic() - t0 < 30
 
@@ -184,13 +184,13 @@ def test_nobody_at_the_address_is_a_quick_user_error(ray_input: Path, tiny_regis
 def test_a_model_missing_on_the_nodes_is_a_one_line_error(cluster: str, ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
     reg = tmp_path / "models.toml"
     reg.write_text(tiny_registry.read_text() + '\n[models.gone]\npath = "/nonexistent/gone.gguf"\n\n[pairs.gone]\nstrong = "gone"\nweak = "gone"\n')
-    p = cdr(*_args(ray_input, tmp_path / "o.jsonl", reg, "--pair", "gone", "--ray", cluster), timeout=300)
+    p = cdr(*_annotate_args(ray_input, tmp_path / "o.jsonl", reg, "--pair", "gone", "--ray", cluster), timeout=300)
     assert "model 'gone': file not found: /nonexistent/gone.gguf" in assert_user_error(p)
 
 
 def test_missing_extra_is_a_one_line_error(ray_input: Path, tiny_registry: Path, tmp_path: Path) -> None:
     code = "import sys; sys.modules['ray'] = None; from cdr_local.cli import main; main()"
-    p = subprocess.run([sys.executable, "-c", code, *map(str, _args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray"))],
+    p = subprocess.run([sys.executable, "-c", code, *map(str, _annotate_args(ray_input, tmp_path / "o.jsonl", tiny_registry, "--ray"))],
                        capture_output=True, text=True, env=_env(), timeout=60)
     line = assert_user_error(p)
     assert "cdr-local[ray]" in line
@@ -200,7 +200,7 @@ def test_missing_extra_is_a_one_line_error(ray_input: Path, tiny_registry: Path,
 @pytest.mark.ray
 def test_ray_run_equals_local(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    p = cdr(*_args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "7"), timeout=300)
+    p = cdr(*_annotate_args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "7"), timeout=300)
     assert p.returncode == 0, p.stderr
     assert_clean_stderr(p.stderr)
     info = _same_as_local(out, ref=reference)
@@ -278,14 +278,7 @@ def _start_and_wait(args: list[Any], out: Path, lines: int) -> subprocess.Popen[
     proc = subprocess.Popen([*CDR, *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=_env(),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    t_end = time.monotonic() + 240
-    while _lines(out) < lines:
-        if proc.poll() is not None:
-            pytest.fail(f"cdr finished before the kill point (rc {proc.returncode}): {proc.stderr.read().decode() if proc.stderr else ''}")
-        if time.monotonic() > t_end:
-            proc.kill()
-            pytest.fail("timed out waiting for the kill point")
-        time.sleep(0.005)
+    _wait_for(proc, lambda: _lines(out) >= lines, timeout=240)
     return proc
 
 
@@ -293,7 +286,7 @@ def _start_and_wait(args: list[Any], out: Path, lines: int) -> subprocess.Popen[
 @pytest.mark.ray
 def test_ctrl_c_then_resume(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    args = _args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "4")
+    args = _annotate_args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "4")
     proc = _start_and_wait(args, out, 20)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -311,7 +304,7 @@ def test_ctrl_c_then_resume(cluster: str, ray_input: Path, reference: dict[str, 
 @pytest.mark.ray
 def test_driver_sigkill_then_resume(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    args = _args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "4")
+    args = _annotate_args(ray_input, out, tiny_registry, "--ray", cluster, "--ray-partition-size", "4")
     parts = Path(str(out) + ".parts")
     proc = _start_and_wait(args, out, 30)
     proc.kill()
@@ -338,9 +331,9 @@ def test_driver_sigkill_then_resume(cluster: str, ray_input: Path, reference: di
 def test_ray_finishes_a_local_run(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
     """A local run's partial output, resumed on Ray (and the numerics guard agrees: same settings)."""
     out = tmp_path / "out.jsonl"
-    p = cdr(*_args(ray_input, out, tiny_registry, "--limit", "50"))
+    p = cdr(*_annotate_args(ray_input, out, tiny_registry, "--limit", "50"))
     assert p.returncode == 0, p.stderr
-    p = cdr(*_args(ray_input, out, tiny_registry, "--resume", "--ray", cluster), timeout=300)
+    p = cdr(*_annotate_args(ray_input, out, tiny_registry, "--resume", "--ray", cluster), timeout=300)
     assert p.returncode == 0, p.stderr
     assert out.read_bytes() == reference["out"]
     meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
@@ -366,10 +359,10 @@ def test_each_node_pulls_the_models(
         assert not list(h.glob("models/pulled-*.gguf"))
     env_pip = {"CDR_PIP_ARGS": f"--no-index --find-links {wheels}"}
     ref = tmp_path / "local.jsonl"
-    p = _cdr_env(env_pip, *_args(ray_input, ref, reg, "--pair", "pulled", "--limit", "20"))
+    p = _cdr_env(env_pip, *_annotate_args(ray_input, ref, reg, "--pair", "pulled", "--limit", "20"))
     assert p.returncode == 0, p.stderr
     out = tmp_path / "out.jsonl"
-    p = _cdr_env(env_pip, *_args(ray_input, out, reg, "--pair", "pulled", "--limit", "20", "--ray", cluster, "--ray-partition-size", "5"))
+    p = _cdr_env(env_pip, *_annotate_args(ray_input, out, reg, "--pair", "pulled", "--limit", "20", "--ray", cluster, "--ray-partition-size", "5"))
     assert p.returncode == 0, p.stderr
     assert out.read_bytes() == ref.read_bytes()
     # the actors pulled into their own node's cache (not the driver's); the run may end
