@@ -397,3 +397,13 @@ def test_ray_pairs_equals_local(cluster: str, tiny_registry: Path, tmp_path: Pat
         outs[name] = (out.read_bytes(), (tmp_path / f"{name}.rejects.jsonl").read_bytes())
     assert outs["ray"] == outs["local"]
     assert len(jsonl(outs["ray"][0])) == 29 and b'"line":8' in outs["ray"][1]
+
+
+def test_ray_address_is_optional() -> None:
+    from cdr_local.cli import _bare_ray
+
+    assert _bare_ray(["annotate", "in", "--ray", "-o", "out"]) == ["annotate", "in", "--ray=", "-o", "out"]
+    assert _bare_ray(["annotate", "in", "-o", "out", "--ray"]) == ["annotate", "in", "-o", "out", "--ray="]
+    assert _bare_ray(["annotate", "in", "--ray", "h:6379"]) == ["annotate", "in", "--ray", "h:6379"]
+    p = cdr("annotate", "--help")
+    assert "--ray" in p.stdout and "[ADDRESS]" in p.stdout and "--ray-partition-size" in p.stdout
