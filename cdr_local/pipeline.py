@@ -122,6 +122,18 @@ class RunSummary:
     output: str = ""
     rejects_path: str | None = None
 
+    def add_record(self, stats: dict[str, float], rng: random.Random) -> None:
+        """Count one written record (its task stats)."""
+        self.done += 1
+        self.tokens += int(stats.get("tokens", 0))
+        self.truncated += int(stats.get("truncated", 0))
+        self.ties += int(stats.get("tie", 0))
+        if "margin" in stats:
+            self.add_margin(float(stats["margin"]), rng)
+        if "first_wins" in stats:
+            self.first_wins += int(stats["first_wins"])
+            self.first_n += 1
+
     def add_margin(self, m: float, rng: random.Random) -> None:
         self.margin_sum += m
         self.margin_n += 1
@@ -523,15 +535,7 @@ def run(
                 continue
             except OSError as e:
                 raise CdrError(f"cannot write {cfg.output}: {e.strerror or e}; everything before line {lineno} is saved, rerun with --resume") from None
-            summary.done += 1
-            summary.tokens += int(stats.get("tokens", 0))
-            summary.truncated += int(stats.get("truncated", 0))
-            summary.ties += int(stats.get("tie", 0))
-            if "margin" in stats:
-                summary.add_margin(float(stats["margin"]), rng)
-            if "first_wins" in stats:
-                summary.first_wins += int(stats["first_wins"])
-                summary.first_n += 1
+            summary.add_record(stats, rng)
             events.record(stats)
         summary.input_sha256 = hasher.hexdigest()
     except KeyboardInterrupt:

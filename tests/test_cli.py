@@ -108,7 +108,16 @@ def test_help_is_fast() -> None:
         best = min(best, time.perf_counter() - t0)
         assert p.returncode == 0, p.stderr
         assert "annotate" in p.stdout and "score" in p.stdout
-    assert best < 0.5, f"cdr --help took {best:.3f} s (best of 3)"
+    # 0.13-0.16 s on an idle 2-core machine; the bound leaves room for a loaded one
+    assert best < 1.0, f"cdr --help took {best:.3f} s (best of 3)"
+
+
+def test_cli_start_imports_nothing_heavy() -> None:
+    """What keeps `cdr --help` fast: the engine, numpy and the optional extras load lazily."""
+    code = "import sys, cdr_local.cli; print(' '.join(m for m in ('numpy', 'llama_cpp', 'ray', 'torch', 'jinja2') if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == ""
 
 
 @pytest.fixture(scope="module")

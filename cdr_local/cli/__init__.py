@@ -41,7 +41,19 @@ def _register() -> None:
 _register()
 
 
+def _bare_ray(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional ADDRESS: alone (last, or before another option) it becomes ``--ray=``."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = "--ray="
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = _bare_ray(sys.argv[1:])
     try:
         # in non-standalone mode click *returns* the code of a typer.Exit
         # (and of Ctrl-C, as 130) instead of exiting with it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,11 +18,15 @@ from .options import (
     PairOpt,
     ParallelOpt,
     ProfileOpt,
+    RayActorsOpt,
+    RayOpt,
+    RayPartitionOpt,
     RouterOpt,
     ThreadsOpt,
 )
 
 if TYPE_CHECKING:
+    from ..distributed import BuiltTask, RayOptions
     from ..pipeline import RunSummary
 
 InputArg = Annotated[
@@ -40,33 +45,70 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress displ
 PlainOpt = Annotated[bool, typer.Option("--plain", help="Plain log lines instead of the progress bar.")]
 
 
+@dataclass(frozen=True)
+class ScoringSpec:
+    """What builds the annotate task: pair, profile and router.
+
+    Picklable, so a Ray actor builds the very same task on its node: the
+    registry and the profile travel already parsed, and the models are
+    resolved (pulled, sha256-checked) in the cache of the machine that calls it.
+    """
+
+    registry: Any
+    pair: str | None
+    settings: Any
+    profile: Any
+    router: str | None
+    pull: bool
+
+    def __call__(self) -> BuiltTask:
+        from ..annotate import AnnotateTask, make_router
+        from ..distributed import BuiltTask
+        from ..pair import LoadedPair
+        from ..ui import say
+
+        lp = LoadedPair(self.registry, self.pair, self.settings, pull=self.pull, say=say)
+        try:
+            task = AnnotateTask(lp, self.profile, make_router(self.router, self.profile, lp))
+            return BuiltTask(task, {**lp.metadata(), **task.metadata()}, {**lp.numerics(), **task.numerics()}, lp.close)
+        except BaseException:
+            lp.close()
+            raise
+
+
 def run_scoring(command: str, input: str, output: str, pair: str | None, models: Path | None, profile: str, router: str | None,
                 resume: bool, overwrite: bool, force: bool, rejects: str | None, limit: int | None, quiet: bool, plain: bool,
-                overrides: dict[str, Any], no_pull: bool, select: list[int] | None = None) -> RunSummary:
-    """The shared body of annotate and eval: pair + profile + router through the pipeline."""
-    from ..annotate import AnnotateTask, make_router
+                overrides: dict[str, Any], no_pull: bool, select: list[int] | None = None, ray: RayOptions | None = None) -> RunSummary:
+    """The shared body of annotate and eval: pair + profile + router through the pipeline (on Ray with ``ray``)."""
     from ..errors import CdrError
+    from ..models import load_registry
     from ..pipeline import RunConfig, run
     from ..profiles import load_profile
     from ..records import parse_line
     from ..ui import RunDisplay
-    from .options import load_pair
+    from .options import engine_settings
 
     if input != "-" and not Path(input).exists():
         raise CdrError(f"input not found: {input}")
     prof = load_profile(profile)
-    lp = load_pair(models, pair, overrides, no_pull)
+    reg = load_registry(models)
+    spec = ScoringSpec(reg, pair, engine_settings(reg, overrides), prof, router, not no_pull)
+    display = RunDisplay(f"{command} [{reg.pair(pair).name}/{prof.name}]", quiet=quiet, plain=True if plain else None)
+    if ray is not None:
+        from ..distributed import run_on_ray
+
+        cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
+                        meta={"command": command, "input": input}, limit=limit, select=select)
+        return run_on_ray(cfg, parse_line, spec, ray.for_settings(spec.settings), display)
+    built = spec()
     try:
-        task = AnnotateTask(lp, prof, make_router(router, prof, lp))
         cfg = RunConfig(
             input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
-            meta={"command": command, "input": input, **lp.metadata(), **task.metadata()},
-            numerics={**lp.numerics(), **task.numerics()}, limit=limit, select=select,
+            meta={"command": command, "input": input, **built.meta}, numerics=built.numerics, limit=limit, select=select,
         )
-        display = RunDisplay(f"{command} [{lp.spec.name}/{prof.name}]", quiet=quiet, plain=True if plain else None)
-        return run(cfg, parse_line, task, display)
+        return run(cfg, parse_line, built.task, display)
     finally:
-        lp.close()
+        built.close()
 
 
 def annotate(
@@ -90,6 +132,9 @@ def annotate(
     n_gpu_layers: GpuOpt = None,
     parallel_responses: ParallelOpt = False,
     no_pull: NoPullOpt = False,
+    ray: RayOpt = None,
+    ray_actors: RayActorsOpt = None,
+    ray_partition_size: RayPartitionOpt = 64,
 ) -> None:
     """Score every record's responses with the pair's density ratio.
 
@@ -98,13 +143,15 @@ def annotate(
     input response won, or tie), the profile domain, and per response: reward
     (sum), reward_mean, each model's log-prob and token count, and a
     truncation flag.  Each finished record is flushed at once; kill the run at
-    any moment and continue it with --resume.
+    any moment and continue it with --resume.  --ray spreads the scoring over a
+    Ray cluster and writes the same output.
     """
-    from .options import engine_overrides
+    from .options import engine_overrides, ray_options
 
     summary = run_scoring(
         "annotate", input, output, pair, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
         engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, parallel_responses), no_pull,
+        ray=ray_options(ray, ray_actors, ray_partition_size),
     )
     if summary.interrupted:
         raise typer.Exit(130)

@@ -27,6 +27,9 @@ from .options import (
     NUbatchOpt,
     PairOpt,
     ProfileOpt,
+    RayActorsOpt,
+    RayOpt,
+    RayPartitionOpt,
     RouterOpt,
     ThreadsOpt,
 )
@@ -57,6 +60,9 @@ def eval_(
     n_ubatch: NUbatchOpt = None,
     n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
+    ray: RayOpt = None,
+    ray_actors: RayActorsOpt = None,
+    ray_partition_size: RayPartitionOpt = 64,
 ) -> None:
     """Score labelled pairs (prompt, chosen, rejected; optional subset, section) and report accuracy.
 
@@ -83,7 +89,7 @@ def eval_(
         with_length_control,
     )
     from ..lc import fit_tau
-    from .options import engine_overrides
+    from .options import engine_overrides, ray_options
 
     if output == "-":
         raise CdrError("eval needs an output file (its report is written next to it)")
@@ -96,6 +102,7 @@ def eval_(
         summary = run_scoring(
             "eval", input, output, pair, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
             engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull, select,
+            ray_options(ray, ray_actors, ray_partition_size),
         )
         if summary.interrupted:
             raise typer.Exit(130)

@@ -67,3 +67,31 @@ RouterOpt = Annotated[
     str | None,
     typer.Option("--router", help="Domain router: model (zero-shot with the strong model), keywords, or none. Default: model when the profile has several domains."),
 ]
+
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Score on a Ray cluster (needs the ray extra): ADDRESS is the head's HOST:PORT, ray://HOST:PORT, "
+        "'auto' (the cluster this machine has joined) or 'local' (a new private one); --ray alone: $RAY_ADDRESS, "
+        "else a cluster started on this machine, else a new local one.  The output is the same as a local run's.",
+    ),
+]
+RayActorsOpt = Annotated[
+    int | None,
+    typer.Option("--ray-actors", help="Ray actors (each loads the pair once). Default: one per node, or one per GPU with --n-gpu-layers."),
+]
+RayPartitionOpt = Annotated[
+    int,
+    typer.Option("--ray-partition-size", help="Input lines per Ray partition (the unit of work, of part files and of --resume)."),
+]
+
+
+def ray_options(address: str | None, actors: int | None, partition_size: int) -> Any:
+    """``RayOptions`` for ``--ray`` (None without it); the actors' resources are set from the engine settings later."""
+    if address is None:
+        return None
+    from ..distributed import RayOptions
+
+    return RayOptions(address=address or None, actors=actors, partition_size=partition_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,9 @@ from .options import (
     NUbatchOpt,
     PairOpt,
     ProfileOpt,
+    RayActorsOpt,
+    RayOpt,
+    RayPartitionOpt,
     RouterOpt,
     ThreadsOpt,
 )
@@ -56,6 +60,9 @@ def pairs(
     n_ubatch: NUbatchOpt = None,
     n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
+    ray: RayOpt = None,
+    ray_actors: RayActorsOpt = None,
+    ray_partition_size: RayPartitionOpt = 64,
 ) -> None:
     """Turn records with N responses into training pairs.
 
@@ -65,17 +72,14 @@ def pairs(
     reason.  Output rows load with datasets.load_dataset("json", ...) and feed
     TRL's DPO / reward trainers (margin is TRL's margin column).
     """
-    from ..annotate import AnnotateTask, make_router
-    from ..embed import Embedder
     from ..errors import CdrError
-    from ..models import load_registry, resolve
-    from ..pairs import NEEDS_EMBEDDINGS, STRATEGIES
-    from ..pairs_task import PairsTask
+    from ..models import load_registry
+    from ..pairs import STRATEGIES
     from ..pipeline import RunConfig, run
     from ..profiles import load_profile
     from ..records import parse_line
-    from ..ui import RunDisplay, say
-    from .options import engine_overrides, engine_settings, load_pair
+    from ..ui import RunDisplay
+    from .options import engine_overrides, engine_settings, ray_options
 
     if strategy not in STRATEGIES:
         raise CdrError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -85,60 +89,116 @@ def pairs(
         raise CdrError("--keep-dissimilar is a percentage in (0, 100]")
     if keep_dissimilar is not None and input == "-":
         raise CdrError("--keep-dissimilar reads the input twice: give a file, not stdin")
+    ray_opts = ray_options(ray, ray_actors, ray_partition_size)
+    if ray_opts is not None and keep_dissimilar is not None:
+        raise CdrError("--keep-dissimilar does not run on --ray (its threshold needs a first pass over the whole input)")
     overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
     reg = load_registry(models)
-    needs_emb = strategy in NEEDS_EMBEDDINGS or keep_dissimilar is not None
     # score on the fly only if some record lacks rewards: decided per record, but the
     # pair is loaded up front unless the input is an annotate output (has "scores")
-    lp = None
-    if keep_dissimilar is None and not _looks_scored(input):
-        lp = load_pair(models, pair, overrides, no_pull)
-    closers: list[Any] = []
-    try:
-        embedder = None
-        emb_meta: dict[str, Any] = {}
-        if needs_emb:
-            from ..engine.llama import LlamaModel
-            from ..pair import model_sha256
+    score = keep_dissimilar is None and not _looks_scored(input)
+    mode = "keep-dissimilar" if keep_dissimilar is not None else strategy
+    spec = PairsSpec(
+        reg, pair, engine_settings(reg, overrides), load_profile(profile) if score else None, router, not no_pull,
+        strategy, embed_model, min_margin, seed, keep_dissimilar, input,
+    )
+    display = RunDisplay(f"pairs [{mode}]", quiet=quiet, plain=True if plain else None)
+    cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
+                    meta={"command": "pairs", "input": input}, limit=limit)
+    if ray_opts is not None:
+        from ..distributed import run_on_ray
 
-            name = embed_model or reg.pair(pair).strong.model
-            spec = reg.model(name)
-            path = resolve(spec, pull=not no_pull, progress=say)
-            em = LlamaModel(path, engine_settings(reg, overrides), name=name, embeddings=True)
-            closers.append(em)
-            sha = model_sha256(spec, path)
-            embedder = Embedder(em, sha)
-            closers.append(embedder)
-            emb_meta = {"embed_model": name, "embed_model_sha256": sha, "embedding": "mean of final hidden states of the response alone"}
-        scorer = None
-        mode = "keep-dissimilar" if keep_dissimilar is not None else strategy
-        meta: dict[str, Any] = {"command": "pairs", "input": input, "strategy": mode, "min_margin": min_margin, "seed": seed, **emb_meta}
-        numerics: dict[str, Any] = {"strategy": mode, "seed": seed, "min_margin": min_margin, **emb_meta}
-        if lp is not None:
-            prof = load_profile(profile)
-            scorer = AnnotateTask(lp, prof, make_router(router, prof, lp))
-            meta.update({**lp.metadata(), **scorer.metadata()})
-            numerics.update({**lp.numerics(), **scorer.numerics()})
-        if keep_dissimilar is not None:
-            assert embedder is not None
-            task: Any = _DissimilarTask(embedder, _threshold(input, embedder, keep_dissimilar))
-            meta["keep_dissimilar_percent"] = keep_dissimilar
-            numerics["keep_dissimilar_percent"] = keep_dissimilar
-        else:
-            task = PairsTask(strategy, scorer=scorer, embedder=embedder, min_margin=min_margin, seed=seed)
-        cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
-                        meta=meta, numerics=numerics, limit=limit)
-        display = RunDisplay(f"pairs [{mode}]", quiet=quiet, plain=True if plain else None)
-        summary = run(cfg, parse_line, task, display)
-    finally:
-        for c in reversed(closers):
-            c.close()
-        if lp is not None:
-            lp.close()
+        summary = run_on_ray(cfg, parse_line, spec, ray_opts.for_settings(spec.settings), display)
+    else:
+        built = spec()
+        try:
+            cfg.meta.update(built.meta)
+            cfg.numerics.update(built.numerics)
+            summary = run(cfg, parse_line, built.task, display)
+        finally:
+            built.close()
     if not quiet:
         _print_skips(summary.rejects_path)
     if summary.interrupted:
         raise typer.Exit(130)
+
+
+@dataclass(frozen=True)
+class PairsSpec:
+    """What builds the pairs task (scorer, embedder, selection); picklable, so a
+    Ray actor builds the same task on its node (see ``annotate.ScoringSpec``)."""
+
+    registry: Any
+    pair: str | None
+    settings: Any
+    profile: Any  # loaded Profile when records are scored on the fly, else None
+    router: str | None
+    pull: bool
+    strategy: str
+    embed_model: str | None  # default: the pair's strong model
+    min_margin: float | None
+    seed: int
+    keep_dissimilar: float | None
+    input: str
+
+    def __call__(self) -> Any:
+        from ..annotate import AnnotateTask, make_router
+        from ..distributed import BuiltTask
+        from ..embed import Embedder
+        from ..models import resolve
+        from ..pair import LoadedPair
+        from ..pairs import NEEDS_EMBEDDINGS
+        from ..pairs_task import PairsTask
+        from ..ui import say
+
+        mode = "keep-dissimilar" if self.keep_dissimilar is not None else self.strategy
+        meta: dict[str, Any] = {"strategy": mode, "min_margin": self.min_margin, "seed": self.seed}
+        numerics: dict[str, Any] = {"strategy": mode, "seed": self.seed, "min_margin": self.min_margin}
+        closers: list[Any] = []
+        try:
+            lp = None
+            if self.profile is not None:
+                lp = LoadedPair(self.registry, self.pair, self.settings, pull=self.pull, say=say)
+                closers.append(lp)
+            embedder = None
+            if self.strategy in NEEDS_EMBEDDINGS or self.keep_dissimilar is not None:
+                from ..engine.llama import LlamaModel
+                from ..pair import model_sha256
+
+                name = self.embed_model or self.registry.pair(self.pair).strong.model
+                spec = self.registry.model(name)
+                path = resolve(spec, pull=self.pull, progress=say)
+                em = LlamaModel(path, self.settings, name=name, embeddings=True)
+                closers.append(em)
+                sha = model_sha256(spec, path)
+                embedder = Embedder(em, sha)
+                closers.append(embedder)
+                emb = {"embed_model": name, "embed_model_sha256": sha, "embedding": "mean of final hidden states of the response alone"}
+                meta.update(emb)
+                numerics.update(emb)
+            scorer = None
+            if lp is not None:
+                scorer = AnnotateTask(lp, self.profile, make_router(self.router, self.profile, lp))
+                meta.update({**lp.metadata(), **scorer.metadata()})
+                numerics.update({**lp.numerics(), **scorer.numerics()})
+            task: Any
+            if self.keep_dissimilar is not None:
+                assert embedder is not None
+                task = _DissimilarTask(embedder, _threshold(self.input, embedder, self.keep_dissimilar))
+                meta["keep_dissimilar_percent"] = self.keep_dissimilar
+                numerics["keep_dissimilar_percent"] = self.keep_dissimilar
+            else:
+                task = PairsTask(self.strategy, scorer=scorer, embedder=embedder, min_margin=self.min_margin, seed=self.seed)
+        except BaseException:
+            for c in reversed(closers):
+                c.close()
+            raise
+
+        def close() -> None:
+            for c in reversed(closers):
+                c.close()
+
+        return BuiltTask(task, meta, numerics, close)
 
 
 def _looks_scored(input: str) -> bool:
