@@ -166,8 +166,15 @@ class IdSet:
         import numpy as np
 
         self._np = np
-        self._slots = np.zeros(capacity, dtype=np.uint64)
+        self._slots = np.zeros(1 << max(12, (capacity - 1).bit_length()), dtype=np.uint64)
         self._n = 0
+
+    @classmethod
+    def for_items(cls, n: int | None) -> IdSet:
+        """Sized for ``n`` ids up front (the input's line count), so it never
+        grows while a run streams: growing holds old and new tables at once,
+        and peak memory would then rise in steps with the input's size."""
+        return cls(2 * (n or 0) + 1)
 
     def __len__(self) -> int:
         return self._n
@@ -195,7 +202,7 @@ class IdSet:
             old = self._slots[self._slots != 0]
             self._slots = self._np.zeros(2 * len(self._slots), dtype=self._np.uint64)
             self._n = 0
-            for k in old.tolist():
+            for k in old:  # not .tolist(): a list of Python ints is 5x the array
                 self.add(int(k))
 
 
@@ -494,7 +501,7 @@ def run(
     summary.resumed = out.open()
     rng = random.Random(0)
     events.start(total, summary.resumed)
-    seen = IdSet()
+    seen = IdSet.for_items(total)
     hasher = hashlib.sha256()
     t0 = time.perf_counter()
     failed = False

@@ -479,3 +479,15 @@ def test_idset_matches_python_set():
     assert len(s) == len(ref)
     assert all(_id_key(r) in s for r in ids)
     assert _id_key("never-added-id") not in s
+
+
+def test_idset_sized_up_front_never_grows() -> None:
+    """A run sizes its id set from the line count: no resize, so peak memory does not step up."""
+    from cdr_local.pipeline import IdSet
+
+    s = IdSet.for_items(10_000)
+    cap = len(s._slots)
+    for k in range(1, 20_001, 2):
+        s.add(k)
+    assert len(s) == 10_000 and len(s._slots) == cap
+    assert all(k in s for k in range(1, 20_001, 2)) and 2 not in s
