@@ -138,12 +138,10 @@ def record_work(pair: LoadedPair, task: AnnotateTask, records: list[Record], sid
         m = pair.sides[role].model
         works.append(SideWork(name=f"{role}:{m.name}", path=m.path))
     # capture the requests the engine receives
-    originals = {}
     for role, w in zip(sides, works, strict=True):
         m = pair.sides[role].model
         m.trace = w.trace
         orig = m.loglikelihood
-        originals[role] = orig
 
         def spy(reqs: list[ScoreRequest], _orig: Any = orig, _w: SideWork = w) -> list[list[np.ndarray]]:
             _w.requests.extend(reqs)
@@ -446,6 +444,18 @@ def bench_memory(args: argparse.Namespace, out: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------- output
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Any:
+    """A right-aligned rich table."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
 def show(out: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -469,31 +479,16 @@ def show(out: dict[str, Any]) -> None:
         con.print(f"  agreement with cdr (max |Δ| nats per response): {w['agreement_max_abs_nats_per_response']}")
         con.print(f"  resident memory added by the models (MiB): {', '.join(f'{k} {v:,.0f}' for k, v in w['memory_mib'].items())}")
     if "prompt_sharing" in out:
-        t = Table(title="prompt sharing: 400-token prompt, N responses of 128 tokens")
-        for c in ("N", "shared tok/s", "unshared tok/s", "speed-up"):
-            t.add_column(c, justify="right")
-        for r in out["prompt_sharing"]:
-            t.add_row(str(r["n"]), f"{r['tok_per_s_shared']:,.0f}", f"{r['tok_per_s_unshared']:,.0f}", f"{r['speedup']:.2f}x")
-        con.print(t)
-        t = Table(title="length: prompt = response = L tokens")
-        for c in ("L", "tok/s"):
-            t.add_column(c, justify="right")
-        for r in out["lengths"]:
-            t.add_row(str(r["prompt"]), f"{r['tok_per_s']:,.0f}")
-        con.print(t)
-        t = Table(title="sequences per llama_decode (bare decode, 16 sequences of 64 tokens)")
-        for c in ("per decode", "tok/s"):
-            t.add_column(c, justify="right")
-        for r in out["sequences_per_decode"]:
-            t.add_row(str(r["sequences_per_decode"]), f"{r['tok_per_s']:,.0f}")
-        con.print(t)
+        con.print(_table("prompt sharing: 400-token prompt, N responses of 128 tokens", ("N", "shared tok/s", "unshared tok/s", "speed-up"),
+                         [(str(r["n"]), f"{r['tok_per_s_shared']:,.0f}", f"{r['tok_per_s_unshared']:,.0f}", f"{r['speedup']:.2f}x")
+                          for r in out["prompt_sharing"]]))
+        con.print(_table("length: prompt = response = L tokens", ("L", "tok/s"),
+                         [(str(r["prompt"]), f"{r['tok_per_s']:,.0f}") for r in out["lengths"]]))
+        con.print(_table("sequences per llama_decode (bare decode, 16 sequences of 64 tokens)", ("per decode", "tok/s"),
+                         [(str(r["sequences_per_decode"]), f"{r['tok_per_s']:,.0f}") for r in out["sequences_per_decode"]]))
     if "memory" in out:
-        t = Table(title="peak RSS of cdr annotate (tiny model)")
-        for c in ("records", "written", "peak RSS MiB", "seconds"):
-            t.add_column(c, justify="right")
-        for r in out["memory"]:
-            t.add_row(f"{r['records']:,}", f"{r['written']:,}", f"{r['peak_rss_mib']:.1f}", f"{r['seconds']:.0f}")
-        con.print(t)
+        con.print(_table("peak RSS of cdr annotate (tiny model)", ("records", "written", "peak RSS MiB", "seconds"),
+                         [(f"{r['records']:,}", f"{r['written']:,}", f"{r['peak_rss_mib']:.1f}", f"{r['seconds']:.0f}") for r in out["memory"]]))
         if "memory_ratio_last_first" in out:
             con.print(f"  RSS ratio largest/smallest: {out['memory_ratio_last_first']:.3f}")
 

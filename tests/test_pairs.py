@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 import orjson
 import pytest
 from reference import brute_embedding
+from test_cli import CDR, _env
 
 from cdr_local.embed import Embedder
 from cdr_local.engine import EngineSettings
@@ -276,21 +276,6 @@ def test_embedder_needs_an_embeddings_context(tiny_bos_model: Path) -> None:
 # ---------------------------------------------------------------------------
 # The cdr script end to end
 # ---------------------------------------------------------------------------
-
-_script = Path(sys.executable).parent / "cdr"
-CDR: list[str] = (
-    [str(_script)]
-    if _script.exists()
-    else [sys.executable, "-c", "from cdr_local.cli import main; main()"]
-)
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("CDR_MODELS", "CDR_CACHE_DIR", "CDR_LLAMA_LOG"):
-        env.pop(k, None)
-    env["CDR_HOME"] = str(home)
-    return env
 
 
 PROMPTS = [

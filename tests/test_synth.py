@@ -8,7 +8,6 @@ prompt against the shipped ``synth.toml``, template validation, the CLI
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import re
 import signal
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from test_cli import CDR, _env
 
 from cdr_local.chat import Message
 from cdr_local.engine import EngineSettings, ScoreRequest
@@ -520,20 +520,6 @@ def test_parse_prompt_line() -> None:
 # the CLI
 # ---------------------------------------------------------------------------
 
-_script = Path(sys.executable).parent / "cdr"
-CDR: list[str] = (
-    [str(_script)]
-    if _script.exists()
-    else [sys.executable, "-c", "from cdr_local.cli import main; main()"]
-)
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("CDR_MODELS", "CDR_CACHE_DIR", "CDR_LLAMA_LOG"):
-        env.pop(k, None)
-    env["CDR_HOME"] = str(home)
-    return env
 
 
 def cdr(*args: Any, home: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
