@@ -62,7 +62,7 @@ from .pipeline import (
     _atomic_write_json,
     _id_key,
     _selected_lines,
-    count_lines,
+    input_total,
 )
 from .records import Record, Reject
 
@@ -488,12 +488,7 @@ def run_on_ray(
         raise CdrError("--ray-actors must be at least 1")
     ray = import_ray()
     events = events or NullEvents()
-    try:
-        total = len(set(cfg.select)) if cfg.select is not None else (count_lines(cfg.input) if cfg.input != "-" else None)
-    except OSError as e:
-        raise CdrError(f"cannot read input {cfg.input}: {e.strerror}") from None
-    if cfg.select is not None:
-        cfg.meta["selected_lines"] = len(set(cfg.select))
+    total = input_total(cfg)
     _connect(ray, opts.address)
     pool: _Pool | None = None
     try:

@@ -303,6 +303,20 @@ def count_lines(source: str) -> int | None:
     return n + (0 if last == b"\n" else 1)
 
 
+def input_total(cfg: RunConfig) -> int | None:
+    """How many input lines the run will read (``None`` for stdin), for progress and
+    the id set's size; a selection also goes into the metadata.  Called before the
+    output is created, so an unreadable input is a user error that touches nothing."""
+    if cfg.select is not None:
+        total = len(set(cfg.select))
+        cfg.meta["selected_lines"] = total
+        return total
+    try:
+        return count_lines(cfg.input)
+    except OSError as e:
+        raise CdrError(f"cannot read input {cfg.input}: {e.strerror}") from None
+
+
 def _atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``path`` whole or not at all; a failure (full disk, read-only folder) is a CdrError."""
     tmp = path.with_name(path.name + ".tmp")
@@ -492,12 +506,7 @@ def run(
     events = events or NullEvents()
     out = Output(cfg)
     summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None)
-    try:  # before the output is created: an unreadable input is a user error
-        total = len(set(cfg.select)) if cfg.select is not None else (count_lines(cfg.input) if cfg.input != "-" else None)
-    except OSError as e:
-        raise CdrError(f"cannot read input {cfg.input}: {e.strerror}") from None
-    if cfg.select is not None:
-        cfg.meta["selected_lines"] = len(set(cfg.select))
+    total = input_total(cfg)  # before the output is created: an unreadable input is a user error
     summary.resumed = out.open()
     rng = random.Random(0)
     events.start(total, summary.resumed)

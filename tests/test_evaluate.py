@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from test_cli import CDR
 
 from cdr_local.evaluate import METHODS, EvalPair, pairs_from_output, report, sample_lines
-
-_script = Path(sys.executable).parent / "cdr"
-CDR: list[str] = [str(_script)] if _script.exists() else [sys.executable, "-m", "cdr_local"]
 
 # ---------------------------------------------------------------------------
 # a hand-written annotate output: 2 sections x 2 subsets of sizes 3, 1, 2, 4

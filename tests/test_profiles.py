@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from test_cli import CDR
 
 from cdr_local.chat import Message
 from cdr_local.errors import ConfigError
@@ -21,8 +22,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_script = Path(sys.executable).parent / "cdr"
-CDR: list[str] = [str(_script)] if _script.exists() else [sys.executable, "-m", "cdr_local"]
 
 CHAT_CRITERIA = (
     "You are a helpful assistant. A good answer follows every instruction in the request exactly "

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from test_cli import CDR
 
 from cdr_local.lc import fit_length_control, lc_win_rate, sigmoid
 from cdr_local.winrate import instruction_id, load_outputs, select_instructions, spearman
-
-CDR = [sys.executable, "-c", "from cdr_local.cli import main; main()"]
 
 INSTRUCTIONS = [f"Question {i}: tell me about topic {i}." for i in range(12)]
 
