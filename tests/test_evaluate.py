@@ -462,3 +462,29 @@ def test_cdr_eval_report_errors_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "no labelled pairs" in r.stderr
     r = _cdr("eval", tmp_path / "unused.jsonl", "-o", tmp_path / "missing.jsonl", "--report-only")
     assert r.returncode == 2 and "no output to report on" in r.stderr
+
+
+def test_report_only_on_the_first_k_pairs(hand_output: Path) -> None:
+    """``--report-only --limit K`` reports on the output's first K labelled pairs
+    (records that are not labelled pairs do not count), into its own file, and
+    leaves the full report alone."""
+    full = hand_output.with_suffix(".report.json")
+    r = _cdr("eval", "unused.jsonl", "-o", hand_output, "--report-only", "--bootstrap", "50")
+    assert r.returncode == 0, r.stdout + r.stderr
+    full_rep = orjson.loads(full.read_bytes())
+    assert full_rep["n_pairs"] == len(ROWS) and "first" not in full_rep
+
+    r = _cdr("eval", "unused.jsonl", "-o", hand_output, "--report-only", "--limit", "4", "--bootstrap", "50")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = orjson.loads(hand_output.with_name("hand.first4.report.json").read_bytes())
+    assert rep["n_pairs"] == 4 and rep["first"] == 4 and rep["sections"] == {"Chat": 4}
+    # p1..p4 by hand: cdr (sum) right on p1 and p3; p2 is a tie (wrong); p4 wrong.
+    # Chat = (c-easy 2/3 * 3 + c-hard 0/1 * 1) / 4 = 2/4
+    assert rep["methods"]["cdr (sum)"]["overall"]["acc"] == pytest.approx(2 / 4)
+    expected = report(list(pairs_from_output(hand_output))[:4], n_boot=50)
+    assert rep["methods"]["cdr (sum)"] == orjson.loads(orjson.dumps(expected["methods"]["cdr (sum)"]))
+    assert orjson.loads(full.read_bytes()) == full_rep
+
+    r = _cdr("eval", "unused.jsonl", "-o", hand_output, "--report-only", "--limit", "11")
+    assert r.returncode == 2 and "holds 10 labelled pairs, fewer than --limit 11" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -53,7 +53,7 @@ def eval_(
     per_section: Annotated[int | None, typer.Option("--per-section", help="Score a stratified random sample of this many pairs per section (seeded).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of --per-section sampling.")] = 0,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit the temperature tau of P = sigmoid(margin / tau) on these pairs (for winrate --tau).")] = False,
-    report_only: Annotated[bool, typer.Option("--report-only", help="Do not score: report on an existing output.")] = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Do not score: report on an existing output (with --limit K: on its first K pairs, into OUT.firstK.report.json).")] = False,
     threads: ThreadsOpt = None,
     n_ctx: NCtxOpt = None,
     n_batch: NBatchOpt = None,
@@ -109,6 +109,13 @@ def eval_(
     if not Path(output).exists():
         raise CdrError(f"no output to report on: {output}")
     pairs = list(pairs_from_output(output))
+    first = report_only and limit is not None
+    if first:  # the first K pairs: with --per-section, a balanced sample, comparable across runs
+        if limit is None or limit < 1:
+            raise CdrError("--limit must be at least 1")
+        if len(pairs) < limit:
+            raise CdrError(f"{output} holds {len(pairs)} labelled pairs, fewer than --limit {limit}")
+        pairs = pairs[:limit]
     length: dict[str, float] = {}
     try:
         if len(pairs) >= 3:
@@ -131,7 +138,9 @@ def eval_(
         rep["pair"] = meta.get("pair")
         rep["profile"] = (meta.get("profile") or {}).get("name")
         rep["router"] = meta.get("router")
-    rep_path = Path(output).with_suffix("").as_posix() + ".report.json"
+    if first:
+        rep["first"] = limit
+    rep_path = Path(output).with_suffix("").as_posix() + (f".first{limit}" if first else "") + ".report.json"
     Path(rep_path).write_bytes(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
     console = Console(highlight=False)
     if not console.is_terminal:
