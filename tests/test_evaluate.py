@@ -488,3 +488,25 @@ def test_report_only_on_the_first_k_pairs(hand_output: Path) -> None:
     r = _cdr("eval", "unused.jsonl", "-o", hand_output, "--report-only", "--limit", "11")
     assert r.returncode == 2 and "holds 10 labelled pairs, fewer than --limit 11" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_paired_difference(hand_output: Path) -> None:
+    """The paired comparison: the difference of overall accuracies by hand, an
+    interval of exactly zero for an annotator against itself, and a refusal when
+    the two outputs do not hold the same pairs."""
+    from dataclasses import replace
+
+    from cdr_local.evaluate import MAIN, paired_difference
+
+    a = list(pairs_from_output(hand_output))
+    same = paired_difference(a, a, n_boot=200)
+    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and same["n_pairs"] == 10
+    # flip p1 (right under cdr (sum)) to wrong: Chat goes 2/4 -> 1/4, overall by 1/8
+    b = [replace(p, values={**p.values, MAIN: (0.0, 1.0)}) if p.id == "p1" else p for p in a]
+    d = paired_difference(a, b, n_boot=200)
+    assert d["diff"] == pytest.approx(1 / 8)
+    # a draw differs only by the copies of p1 it holds, always in a's favour
+    assert 0 <= d["ci"][0] <= 1 / 8 <= d["ci"][1] <= 0.5
+    assert paired_difference(b, a, n_boot=200)["diff"] == pytest.approx(-1 / 8)
+    with pytest.raises(ValueError, match="same pairs"):
+        paired_difference(a, a[::-1])
