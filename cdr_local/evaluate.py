@@ -162,16 +162,20 @@ def _section_and_overall(correct: np.ndarray, g: _Groups, idx: list[np.ndarray])
     return sec, float(sec.mean())
 
 
+def _draws(g: _Groups, n_boot: int, seed: int) -> list[list[np.ndarray]]:
+    """Bootstrap resamples of the pairs, within subsets: ``n_boot`` lists of index
+    arrays, one per subset.  ``report`` and ``paired_difference`` draw alike."""
+    rng = np.random.default_rng(seed)
+    return [[ix[rng.integers(0, len(ix), len(ix))] for ix in g.subset_idx] for _ in range(n_boot)]
+
+
 def report(pairs: Iterable[EvalPair], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Accuracy per subset, per section and overall for every method, with bootstrap CIs."""
     plist = list(pairs)
     if not plist:
         raise ValueError("no labelled pairs (records with chosen/rejected) in the output")
     g = _groups(plist)
-    rng = np.random.default_rng(seed)
-    boots = [
-        [ix[rng.integers(0, len(ix), len(ix))] for ix in g.subset_idx] for _ in range(n_boot)
-    ]
+    boots = _draws(g, n_boot, seed)
     out: dict[str, Any] = {
         "rule": "right iff chosen > rejected strictly (ties are wrong); section = subsets weighted by size; overall = mean of sections",
         "n_pairs": len(plist),
@@ -218,8 +222,9 @@ def paired_difference(
 
     Why paired: two annotators scored on the same pairs share the pairs' difficulty,
     so one resample of the pairs (within subsets, as in ``report``) is applied to both
-    and the difference is taken per draw.  Its interval is much narrower than what
-    two separate intervals suggest, so "is A better than B" gets a real answer.
+    and the difference is taken per draw.  The interval then reflects how much the
+    two agree on which pairs they get wrong, which two separate intervals cannot
+    show: it is the right test of "is A better than B on these pairs".
     """
     if [p.id for p in a] != [p.id for p in b]:
         raise ValueError("the two outputs do not hold the same pairs in the same order")
@@ -229,11 +234,7 @@ def paired_difference(
     ca, cb = ((np.array([p.values[method][0] > p.values[method][1] for p in x], dtype=np.float64)) for x in (a, b))
     _, oa = _section_and_overall(ca, g, g.subset_idx)
     _, ob = _section_and_overall(cb, g, g.subset_idx)
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        ix = [s[rng.integers(0, len(s), len(s))] for s in g.subset_idx]
-        draws.append(_section_and_overall(ca, g, ix)[1] - _section_and_overall(cb, g, ix)[1])
+    draws = [_section_and_overall(ca, g, ix)[1] - _section_and_overall(cb, g, ix)[1] for ix in _draws(g, n_boot, seed)]
     lo, hi = np.percentile(np.array(draws), [2.5, 97.5])
     return {"method": method, "n_pairs": len(a), "diff": oa - ob, "ci": [float(lo), float(hi)]}
 

@@ -109,13 +109,13 @@ def eval_(
     if not Path(output).exists():
         raise CdrError(f"no output to report on: {output}")
     pairs = list(pairs_from_output(output))
-    first = report_only and limit is not None
-    if first:  # the first K pairs: with --per-section, a balanced sample, comparable across runs
-        if limit is None or limit < 1:
+    first = limit if report_only else None
+    if first is not None:  # the first K pairs: with --per-section, a balanced sample, comparable across runs
+        if first < 1:
             raise CdrError("--limit must be at least 1")
-        if len(pairs) < limit:
-            raise CdrError(f"{output} holds {len(pairs)} labelled pairs, fewer than --limit {limit}")
-        pairs = pairs[:limit]
+        if len(pairs) < first:
+            raise CdrError(f"{output} holds {len(pairs)} labelled pairs, fewer than --limit {first}")
+        pairs = pairs[:first]
     length: dict[str, float] = {}
     try:
         if len(pairs) >= 3:
@@ -138,9 +138,9 @@ def eval_(
         rep["pair"] = meta.get("pair")
         rep["profile"] = (meta.get("profile") or {}).get("name")
         rep["router"] = meta.get("router")
-    if first:
-        rep["first"] = limit
-    rep_path = Path(output).with_suffix("").as_posix() + (f".first{limit}" if first else "") + ".report.json"
+    if first is not None:
+        rep["first"] = first
+    rep_path = Path(output).with_suffix("").as_posix() + (f".first{first}" if first is not None else "") + ".report.json"
     Path(rep_path).write_bytes(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
     console = Console(highlight=False)
     if not console.is_terminal:
