@@ -17,9 +17,13 @@ Contenders, for each workload (a single model, and the pair):
                    output head costs.
 * ``naive``     -- ``Llama(logits_all=True).create_completion(echo=True, logprobs=1,
                    max_tokens=1)`` per (prompt, response), on the first ``--naive-records``.
-* ``hf``        -- Hugging Face transformers + torch on CPU, loading the same GGUF
+* ``hf``        -- Hugging Face transformers + torch, loading the same GGUF
                    (``gguf_file=``) in float32, one forward per (prompt, response),
-                   log_softmax + gather (only with ``--hf``; needs torch, transformers).
+                   log_softmax + gather (only with ``--hf``; needs torch, transformers;
+                   on ``--hf-device``, CPU by default).
+
+``--n-gpu-layers N`` offloads layers to the GPU for every llama.cpp contender
+(needs a CUDA build of llama-cpp-python); pair it with ``--hf-device cuda``.
 
 tok/s counts the same work for every contender: per side and record, the
 prompt tokens once plus every response's tokens (end-of-turn included).
@@ -118,6 +122,8 @@ def machine() -> dict[str, Any]:
 
         info["torch"] = torch.__version__
         info["transformers"] = transformers.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
     return info
@@ -191,11 +197,11 @@ def replay(model: E.LlamaModel, trace: list[tuple[Any, ...]], prefill_only: bool
     return dt
 
 
-def run_naive(path: Path, reqs: list[ScoreRequest], threads: int, n_ctx: int) -> tuple[float, list[float]]:
+def run_naive(path: Path, reqs: list[ScoreRequest], threads: int, n_ctx: int, n_gpu_layers: int = 0) -> tuple[float, list[float]]:
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=threads,
-                          n_threads_batch=threads, n_batch=512, verbose=False)
+                          n_threads_batch=threads, n_batch=512, n_gpu_layers=n_gpu_layers, verbose=False)
     sums = []
     t = time.perf_counter()
     for r in reqs:
@@ -213,13 +219,15 @@ def run_naive(path: Path, reqs: list[ScoreRequest], threads: int, n_ctx: int) ->
 
 
 class HF:
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, device: str = "cpu") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self.torch = torch
+        self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+        self.model.to(device)
         self.model.eval()
 
     def run(self, reqs: list[ScoreRequest]) -> tuple[float, list[float]]:
@@ -230,10 +238,10 @@ class HF:
             for r in reqs:
                 ctx = [t_ for seg in r.context for t_ in seg]
                 for c in r.continuations:
-                    ids = torch.tensor([ctx + list(c)])
+                    ids = torch.tensor([ctx + list(c)], device=self.device)
                     logits = self.model(ids).logits[0, len(ctx) - 1 : -1].float()
-                    lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(list(c))[:, None])
-                    sums.append(float(lp.sum()))
+                    lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(list(c), device=self.device)[:, None])
+                    sums.append(float(lp.sum()))  # float() waits for the GPU
         return time.perf_counter() - t, sums
 
 
@@ -252,7 +260,8 @@ def current_rss_mib() -> float:
 # ---------------------------------------------------------------------- workloads
 def bench_workload(label: str, args: argparse.Namespace, pair_name: str | None, sides: list[str], out: dict[str, Any]) -> None:
     reg = load_registry(args.models)
-    settings = EngineSettings(n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_batch, n_threads=args.threads)
+    settings = EngineSettings(n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_batch, n_threads=args.threads,
+                              n_gpu_layers=args.n_gpu_layers)
     records = load_records(Path(args.records), args.n_records)
     gc.collect()
     rss0 = current_rss_mib()
@@ -276,7 +285,7 @@ def bench_workload(label: str, args: argparse.Namespace, pair_name: str | None, 
         rss1 = current_rss_mib()
         for w in works:
             if w.path not in hf:
-                hf[w.path] = HF(w.path, settings.threads())
+                hf[w.path] = HF(w.path, settings.threads(), args.hf_device)
         hf[works[0].path].run(works[0].requests[:1])  # warm up (and allocate)
         mem["hf"] = current_rss_mib() - rss1
     times: dict[str, list[float]] = {k: [] for k in ("cdr", "ceiling", "prefill", *(["hf"] if args.hf else []))}
@@ -298,7 +307,7 @@ def bench_workload(label: str, args: argparse.Namespace, pair_name: str | None, 
     naive_tok = sum(r.context_len + sum(len(c) for c in r.continuations) for w in works for r in w.requests[:sub])
     naive_dt, naive_sums = 0.0, []
     for w in works:
-        d, s = run_naive(w.path, w.requests[:sub], settings.threads(), args.n_ctx)
+        d, s = run_naive(w.path, w.requests[:sub], settings.threads(), args.n_ctx, args.n_gpu_layers)
         naive_dt += d
         naive_sums += s
     cdr_sums = [x for w in works for x in w.sums]
@@ -463,7 +472,8 @@ def show(out: dict[str, Any]) -> None:
     con = Console()
     mi = out["machine"]
     con.print(f"[bold]machine[/]: {mi['cpu']}, {mi['cores']} cores, threads={out['threads']}; "
-              f"llama-cpp-python {mi['llama_cpp_python']}" + (f", torch {mi['torch']}, transformers {mi['transformers']}" if "torch" in mi else ""))
+              f"llama-cpp-python {mi['llama_cpp_python']}" + (f", torch {mi['torch']}, transformers {mi['transformers']}" if "torch" in mi else "")
+              + (f"; GPU {mi['gpu']}, n_gpu_layers={out['args']['n_gpu_layers']}, hf on {out['args']['hf_device']}" if "gpu" in mi else ""))
     for label in ("single", "pair"):
         if label not in out:
             continue
@@ -504,7 +514,9 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--hf", action="store_true", help="also run transformers + torch (CPU)")
+    ap.add_argument("--hf", action="store_true", help="also run transformers + torch")
+    ap.add_argument("--hf-device", default="cpu", help="torch device for --hf (cpu, cuda)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="offload to the GPU (-1: all; CUDA build)")
     ap.add_argument("--workloads", default="single,pair", help="comma list of single, pair (or none)")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--memory", action="store_true")

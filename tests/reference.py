@@ -14,13 +14,16 @@ import ctypes
 import numpy as np
 
 
-def brute_logprobs(path: str, context: list[int], continuation: list[int], n_threads: int = 2) -> np.ndarray:
+def brute_logprobs(
+    path: str, context: list[int], continuation: list[int], n_threads: int = 2, n_gpu_layers: int = 0
+) -> np.ndarray:
     import llama_cpp as ll
 
     seq = list(context) + list(continuation)
     n = len(seq)
     mp = ll.llama_model_default_params()
     mp.use_extra_bufts = False
+    mp.n_gpu_layers = n_gpu_layers
     model = ll.llama_model_load_from_file(path.encode(), mp)
     assert model, path
     cp = ll.llama_context_default_params()
@@ -32,6 +35,7 @@ def brute_logprobs(path: str, context: list[int], continuation: list[int], n_thr
     cp.n_threads = n_threads
     cp.n_threads_batch = n_threads
     cp.flash_attn_type = 0
+    cp.op_offload = n_gpu_layers != 0  # a CPU reference stays on the CPU on a GPU build
     ctx = ll.llama_init_from_model(model, cp)
     assert ctx
     batch = ll.llama_batch_init(n, 0, 1)
@@ -86,6 +90,7 @@ def brute_embedding(path: str, tokens: list[int], skip_first: bool, n_threads: i
     cp.flash_attn_type = 0
     cp.embeddings = True
     cp.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE: one vector per token
+    cp.op_offload = False  # stay on the CPU on a GPU build
     ctx = ll.llama_init_from_model(model, cp)
     assert ctx
     batch = ll.llama_batch_init(n, 0, 1)

@@ -17,6 +17,14 @@ which rewrites bitwise-identical KV), and decodes at most one ubatch per call.
 The result equals decoding context + response in one batch with all logits --
 which is exactly what the brute-force reference test does (to ~1e-8).
 
+GPU (``n_gpu_layers != 0``): CUDA kernels are *not* batch-shape invariant
+(measured on an H100: chunking moved SmolLM2 log-probs by up to 2 nats per
+token, reusing a cached prompt by 0.3).  So on a GPU every request is decoded
+from an empty cache, never reusing the previous request's prompt: its numbers
+then depend on the request and the settings alone.  On the CPU, llama.cpp's
+"op offload" (big CPU batches shipped to a GPU, when the build has one) is
+switched off, so a CPU run keeps CPU numerics on a CUDA build.
+
 Decode scheme per request:
 
 1. The context is decoded into sequence 0, cells ``[0, P)``, in chunks.  The
@@ -247,6 +255,11 @@ class LlamaModel:
         # Flash attention changes numerics with the batch size (a different
         # kernel above 64 rows); the plain path is batch-size independent.
         cp.flash_attn_type = 1 if settings.flash_attn else 0
+        # GPU kernels are not batch-shape invariant (see module docstring), so
+        # on a GPU every request is decoded from an empty cache; and a CPU run
+        # on a GPU build must not have its big batches shipped to the GPU.
+        self.gpu = settings.n_gpu_layers != 0
+        cp.op_offload = self.gpu
         ctx = ll.llama_init_from_model(model, cp)
         if not ctx:
             why = _last_error()
@@ -371,6 +384,10 @@ class LlamaModel:
 
     def _decode_context(self, segments: tuple[tuple[int, ...], ...]) -> np.ndarray:
         """Decode the context into seq 0 at cells [0, P); return the last logits row (a copy)."""
+        if self.gpu:  # no reuse: the numbers may depend only on this request
+            self._seq_rm(-1, 0)
+            self._cached_segments = []
+            self._cached_last_row = None
         keep = 0
         while (
             keep < len(segments)
