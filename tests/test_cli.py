@@ -414,13 +414,15 @@ def test_sigkill_then_resume(
     _check_resumed(out, kill_reference, tiny_registry, kill_input)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_then_resume(
-    kill_input: Path, kill_reference: tuple[bytes, bytes], tiny_registry: Path, tmp_path: Path
+    sig: int, kill_input: Path, kill_reference: tuple[bytes, bytes], tiny_registry: Path, tmp_path: Path
 ) -> None:
+    """Ctrl-C, and SIGTERM from a scheduler or ``timeout``: a clean stop, then resume."""
     out = tmp_path / "out.jsonl"
     proc = popen(*_annotate_args(kill_input, out, tiny_registry))
     _wait_for(proc, lambda: _lines(out) >= 5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err.decode()
     assert "Traceback" not in err.decode()

@@ -7,6 +7,7 @@ exit with code 2; no tracebacks.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -52,8 +53,15 @@ def _bare_ray(argv: list[str]) -> list[str]:
     return out
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a job scheduler, ``timeout``, ``kill``) stops a run like Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     sys.argv[1:] = _bare_ray(sys.argv[1:])
+    # a clean stop: the output ends on a whole line and its sidecar says "interrupted"
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         # in non-standalone mode click *returns* the code of a typer.Exit
         # (and of Ctrl-C, as 130) instead of exiting with it
