@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from .atomic import write_bytes_atomic
 from .errors import CdrError
 from .pipeline import (
     Events,
@@ -205,13 +206,8 @@ class _Parts:
 
     def write(self, k: int, rows: dict[int, dict[str, Any]]) -> None:
         final = self.path(k)
-        tmp = self.dir / f".{final.name}.tmp"
-        with open(tmp, "wb") as f:
-            for line in sorted(rows):
-                f.write(orjson.dumps(rows[line]) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        data = b"".join(orjson.dumps(rows[line]) + b"\n" for line in sorted(rows))
+        write_bytes_atomic(final, data, tmp=self.dir / f".{final.name}.tmp")
 
     def remove(self, k: int) -> None:
         self.path(k).unlink(missing_ok=True)

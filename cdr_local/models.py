@@ -52,6 +52,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
+from .atomic import fsync_dir
 from .errors import ConfigError, ModelError
 from .gguf_check import gguf_problem
 from .paths import model_cache_dir
@@ -763,7 +764,7 @@ def _atomic_file(final: Path) -> Iterator[Path]:
     finally:
         if not done:
             part.unlink(missing_ok=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 @contextmanager
@@ -920,17 +921,6 @@ def _install(
         say(f"{spec.name}: sha256 ok" if spec.sha256 else f"{spec.name}: no sha256 to check")
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse
-        pass
-    finally:
-        os.close(fd)
 
 
 def _last_line(text: str | None) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from . import __version__
+from .atomic import write_bytes_atomic
 from .chat import Message
 from .engine import EngineSettings
 from .errors import ModelError
@@ -55,9 +56,7 @@ def file_sha256(path: Path) -> str:
     data[key] = digest
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(orjson.dumps(data))
-        os.replace(tmp, cache)
+        write_bytes_atomic(cache, orjson.dumps(data), tmp=cache.with_name(cache.name + f".{os.getpid()}.tmp"))
     except OSError:
         pass  # the cache is an optimisation only
     return digest

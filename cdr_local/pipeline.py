@@ -36,8 +36,8 @@ from typing import IO, Any, Protocol
 
 import orjson
 
+from .atomic import write_bytes_atomic
 from .errors import CdrError
-from .models import _fsync_dir
 from .records import Record, Reject
 
 RESERVOIR = 20_000
@@ -319,17 +319,9 @@ def input_total(cfg: RunConfig) -> int | None:
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``path`` whole or not at all; a failure (full disk, read-only folder) is a CdrError."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename too survives a power cut
+        write_bytes_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise CdrError(f"cannot write {path}: {e.strerror or e}") from None
 
 

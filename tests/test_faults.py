@@ -29,6 +29,7 @@ import pytest
 from test_cli import CDR, _env, assert_user_error, cdr, jsonl
 from tinygguf import build_corrupt_variants, build_tiny_llama, minimal_gguf
 
+from cdr_local import atomic as A
 from cdr_local import models as M
 from cdr_local import pipeline as P
 from cdr_local.annotate import AnnotateTask
@@ -318,7 +319,8 @@ def _read_only(monkeypatch: pytest.MonkeyPatch, folder: Path, kind: str) -> None
                 raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(file))
         return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(P, "open", ro_open, raising=False)
+    for mod in (P, A):  # the output and rejects; the sidecar (written atomically)
+        monkeypatch.setattr(mod, "open", ro_open, raising=False)
 
 
 class Scoring:
@@ -388,7 +390,8 @@ def test_full_disk_stops_cleanly_and_resumes(
     for i, free in enumerate(_budgets(len(scoring.written))):
         out = tmp_path / f"o{i}.jsonl"
         disk = _Disk(free, err)
-        monkeypatch.setattr(P, "open", disk.open, raising=False)
+        for mod in (P, A):  # the output and rejects; the sidecar (written atomically)
+            monkeypatch.setattr(mod, "open", disk.open, raising=False)
         try:
             run(scoring.cfg(out), parse_line, scoring.task)
             pytest.fail(f"the run fit in {free} bytes")
