@@ -1,8 +1,10 @@
 """Whole-or-nothing file writes: temporary file, fsync, rename, fsync the folder.
 
-Every file cdr-local replaces (metadata sidecars, Ray partitions, the sha256
-cache, converted models) goes through here, so a crash or a power cut leaves
-either the old file or the new one, never half of one.
+Metadata sidecars, Ray partitions and the sha256 cache are written with
+``write_bytes_atomic``; models (downloaded or converted, written by other code
+into a ``.part`` file, see ``models._atomic_file``) use ``fsync_dir`` after
+their rename.  A crash or a power cut leaves either the old file or the new
+one, never half of one.
 """
 
 from __future__ import annotations

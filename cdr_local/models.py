@@ -921,8 +921,6 @@ def _install(
         say(f"{spec.name}: sha256 ok" if spec.sha256 else f"{spec.name}: no sha256 to check")
 
 
-
-
 def _last_line(text: str | None) -> str:
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
     return lines[-1] if lines else ""

@@ -384,8 +384,7 @@ class LlamaModel:
 
     def _decode_context(self, segments: tuple[tuple[int, ...], ...]) -> np.ndarray:
         """Decode the context into seq 0 at cells [0, P); return the last logits row (a copy)."""
-        if self.gpu:  # no reuse: the numbers may depend only on this request
-            self._seq_rm(-1, 0)
+        if self.gpu:  # no reuse (keep = 0 below clears the cache): the numbers may depend only on this request
             self._cached_segments = []
             self._cached_last_row = None
         keep = 0
