@@ -29,7 +29,8 @@ tok/s counts the same work for every contender: per side and record, the
 prompt tokens once plus every response's tokens (end-of-turn included).
 
 ``--scaling`` adds: N responses per prompt with and without prompt sharing;
-sequences per llama_decode; prompt/response length.  ``--memory`` runs
+sequences per llama_decode; prompt/response length.  ``--logsoftmax`` times
+the log-softmax alone, one thread against the engine's pool.  ``--memory`` runs
 ``cdr annotate`` on generated short records with a tiny model and reports peak
 RSS at each size.
 
@@ -405,6 +406,33 @@ def bench_scaling(args: argparse.Namespace, out: dict[str, Any]) -> None:
     pair.close()
 
 
+def bench_logsoftmax(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The engine's log-sum-exp over logits rows: one thread vs its pool of --threads.
+
+    On a GPU this, not the model, bounded throughput; real vocabulary sizes
+    (SmolLM2, Qwen2.5, Gemma-3), 128 rows of random logits, best of --repeats.
+    """
+    threads = EngineSettings(n_threads=args.threads).threads()
+    pool = E._RowPool(threads) if threads > 1 else None
+    rng = np.random.default_rng(0)
+    res = []
+    for V in (49152, 151936, 262144):
+        rows = (rng.standard_normal((128, V)) * 4).astype(np.float32)
+        t = {}
+        for name, p in (("one thread", None), (f"{threads} threads", pool)):
+            best = 1e9
+            for _ in range(max(args.repeats, 3)):
+                t0 = time.perf_counter()
+                E._lse_rows(rows, p)
+                best = min(best, time.perf_counter() - t0)
+            t[name] = best / len(rows) * 1e3
+        one, many = t.values()
+        res.append({"n_vocab": V, "ms_per_row_one_thread": one, "ms_per_row_pool": many, "threads": threads, "speedup": one / many})
+    if pool is not None:
+        pool.shutdown()
+    out["logsoftmax"] = res
+
+
 def bench_memory(args: argparse.Namespace, out: dict[str, Any]) -> None:
     """Peak RSS of `cdr annotate` on N short records with a tiny model (must be flat in N)."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -496,6 +524,10 @@ def show(out: dict[str, Any]) -> None:
                          [(str(r["prompt"]), f"{r['tok_per_s']:,.0f}") for r in out["lengths"]]))
         con.print(_table("sequences per llama_decode (bare decode, 16 sequences of 64 tokens)", ("per decode", "tok/s"),
                          [(str(r["sequences_per_decode"]), f"{r['tok_per_s']:,.0f}") for r in out["sequences_per_decode"]]))
+    if "logsoftmax" in out:
+        con.print(_table("log-softmax (log-sum-exp) per logits row", ("vocabulary", "1 thread ms/row", "pool ms/row", "threads", "speed-up"),
+                         [(f"{r['n_vocab']:,}", f"{r['ms_per_row_one_thread']:.3f}", f"{r['ms_per_row_pool']:.3f}", str(r["threads"]), f"{r['speedup']:.2f}x")
+                          for r in out["logsoftmax"]]))
     if "memory" in out:
         con.print(_table("peak RSS of cdr annotate (tiny model)", ("records", "written", "peak RSS MiB", "seconds"),
                          [(f"{r['records']:,}", f"{r['written']:,}", f"{r['peak_rss_mib']:.1f}", f"{r['seconds']:.0f}") for r in out["memory"]]))
@@ -520,6 +552,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="single,pair", help="comma list of single, pair (or none)")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--logsoftmax", action="store_true", help="time the log-softmax alone: one thread vs the pool")
     ap.add_argument("--memory-records", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 100000])
     ap.add_argument("--json", default="bench.json")
     args = ap.parse_args()
@@ -533,6 +566,8 @@ def main() -> None:
         bench_workload("pair", args, args.pair, ["strong", "weak"], out)
     if args.scaling:
         bench_scaling(args, out)
+    if args.logsoftmax:
+        bench_logsoftmax(args, out)
     if args.memory:
         bench_memory(args, out)
     out["peak_rss_mib_this_process"] = rss_mib()

