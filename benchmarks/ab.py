@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="A then B, this many times")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the cdr arguments, without -o")
     args = ap.parse_args()
+    # SIGTERM (e.g. from timeout) unwinds like an exception: the child is
+    # killed and the temporary worktrees are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("give the cdr command after --, e.g. -- eval data.jsonl --limit 20")
