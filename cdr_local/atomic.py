@@ -1,7 +1,8 @@
 """Whole-or-nothing file writes: temporary file, fsync, rename, fsync the folder.
 
-Metadata sidecars, Ray partitions and the sha256 cache are written with
-``write_bytes_atomic``; models (downloaded or converted, written by other code
+Metadata sidecars, reports, Ray partitions and the sha256 cache are written
+with ``write_bytes_atomic``; ``cdr lc``'s rewritten output streams through
+``atomic_writer``; models (downloaded or converted, written by other code
 into a ``.part`` file, see ``models._atomic_file``) use ``fsync_dir`` after
 their rename.  A crash or a power cut leaves either the old file or the new
 one, never half of one.
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(d: Path) -> None:
@@ -28,21 +31,32 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, tmp: Path | None = None) -> Iterator[BinaryIO]:
+    """Stream into a temporary file that replaces ``path`` only if the block ends cleanly.
+
+    On any exception (a full disk, a bad record, Ctrl-C) the temporary file is
+    removed, the exception propagates and ``path`` is untouched.
+    """
+    tmp = tmp or path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_bytes_atomic(path: Path, data: bytes, *, tmp: Path | None = None) -> None:
     """Replace ``path`` with ``data`` whole or not at all.
 
     Raises the ``OSError`` of a failed write (full disk, read-only folder)
     after removing the temporary file; ``path`` is then untouched.
     """
-    tmp = tmp or path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_writer(path, tmp=tmp) as f:
+        f.write(data)

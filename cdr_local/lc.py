@@ -19,6 +19,7 @@ intercept is never penalised.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -234,8 +235,9 @@ def length_control_file(src: str, dst: str, tau: float = 1.0) -> tuple[LengthCon
         raise ValueError("length control needs at least 3 records with exactly two responses")
     lc = fit_length_control(np.array(margins), np.array(dlens), tau=tau)
     n = 0
-    tmp = dst + ".tmp"
-    with open(src, "rb") as f, open(tmp, "wb") as g:
+    from .atomic import atomic_writer
+
+    with open(src, "rb") as f, atomic_writer(Path(dst)) as g:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -251,7 +253,4 @@ def length_control_file(src: str, dst: str, tau: float = 1.0) -> tuple[LengthCon
                 obj["lc_label"] = "tie" if lm == 0 else (names[0] if lm > 0 else names[1])
                 n += 1
             g.write(orjson.dumps(obj) + b"\n")
-    import os
-
-    os.replace(tmp, dst)
     return lc, n

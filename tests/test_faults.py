@@ -639,3 +639,25 @@ def test_context_overflow_is_truncated_and_flagged(scoring: Scoring, tmp_path: P
         assert side.model.detokenize(list(tok.continuations[0])).startswith("begin more")
         assert by_name["chosen"][f"{role}_tokens"] == len(tok.continuations[0]) == n_ctx - len(tok.context)
         assert by_name["rejected"][f"{role}_tokens"] == len(tok.continuations[1])
+
+
+def test_lc_on_a_full_disk_keeps_the_old_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cdr lc` rewrites a whole file: a write failure must leave the previous
+    output as it was and no temporary file behind; a retry then succeeds."""
+    from cdr_local import atomic as A
+    from cdr_local.lc import length_control_file
+
+    src = tmp_path / "ann.jsonl"
+    recs = [{"id": str(i), "scores": [{"response": "response_a", "reward": float(i % 3), "chars": 10 + 7 * i},
+                                       {"response": "response_b", "reward": 0.5, "chars": 300}]} for i in range(50)]
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    dst = tmp_path / "ann.lc.jsonl"
+    dst.write_bytes(b"previous output\n")
+    with monkeypatch.context() as m:
+        m.setattr(A, "open", _Disk(500).open, raising=False)
+        with pytest.raises(OSError):
+            length_control_file(str(src), str(dst))
+    assert dst.read_bytes() == b"previous output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.jsonl", "ann.lc.jsonl"]
+    _, n = length_control_file(str(src), str(dst))
+    assert n == 50 and len(dst.read_bytes().splitlines()) == 50

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..atomic import write_bytes_atomic
 from .annotate import (
     ForceOpt,
     InputArg,
@@ -141,7 +142,7 @@ def eval_(
     if first is not None:
         rep["first"] = first
     rep_path = Path(output).with_suffix("").as_posix() + (f".first{first}" if first is not None else "") + ".report.json"
-    Path(rep_path).write_bytes(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
+    write_bytes_atomic(Path(rep_path), orjson.dumps(rep, option=orjson.OPT_INDENT_2))
     console = Console(highlight=False)
     if not console.is_terminal:
         console = Console(highlight=False, width=max(console.width, 150))

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ..atomic import write_bytes_atomic
+
 
 def lc(
     input: Annotated[Path, typer.Argument(help="An annotate (or eval) output JSONL.")],
@@ -38,5 +40,5 @@ def lc(
         raise CdrError(str(e)) from None
     meta = {"theta": fit.theta, "phi": fit.phi, "std_dlen": fit.std_dlen, "tau": tau, "records": n,
             "model": "P(first preferred) = sigmoid(theta + phi * tanh((chars(second) - chars(first)) / std))"}
-    Path(str(output) + ".lc.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
+    write_bytes_atomic(Path(str(output) + ".lc.json"), orjson.dumps(meta, option=orjson.OPT_INDENT_2))
     typer.echo(f"length control: phi = {fit.phi:+.4f} (theta {fit.theta:+.4f}, std(dlen) {fit.std_dlen:.0f} chars), {n} records -> {output}")

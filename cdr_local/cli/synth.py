@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..atomic import write_bytes_atomic
 from .annotate import ForceOpt, LimitOpt, OverwriteOpt, PlainOpt, QuietOpt, RejectsOpt, ResumeOpt
 from .options import GpuOpt, ModelsOpt, NBatchOpt, NCtxOpt, NoPullOpt, NUbatchOpt, ThreadsOpt
 
@@ -109,7 +110,7 @@ def synth(
         gen.close()
     if verify is not None and output != "-":
         rep = agreement_report(output, summary.rejects_path)
-        Path(output + ".synth-report.json").write_bytes(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
+        write_bytes_atomic(Path(output + ".synth-report.json"), orjson.dumps(rep, option=orjson.OPT_INDENT_2))
         if not quiet:
             tab = Table(title=f"agreement of {verify} with the intended labels", title_justify="left")
             for c in ("group", "agree", "n", "rate"):

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..atomic import write_bytes_atomic
 from .annotate import ForceOpt, PlainOpt, QuietOpt, run_scoring
 from .options import (
     GpuOpt,
@@ -115,5 +116,5 @@ def winrate(
                 f"Spearman vs reference ({len(common)} models): raw {report['spearman_raw_vs_reference']:+.3f}, "
                 f"LC {report['spearman_lc_vs_reference']:+.3f}"
             )
-    (output / "winrate.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    write_bytes_atomic(output / "winrate.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
     console.print(f"report: {output / 'winrate.json'}")
