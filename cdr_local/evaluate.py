@@ -271,31 +271,30 @@ def subset_table(rep: dict[str, Any]) -> Any:
     return t
 
 
-def plot(rep: dict[str, Any], pairs: list[EvalPair], path: str | Path) -> bool:
-    """Accuracy per section and margin histograms (right vs wrong); False if matplotlib is missing."""
-    try:
-        import matplotlib
+def plot(rep_path: str | Path, pairs: list[EvalPair], path: str | Path) -> str | None:
+    """Accuracy per section and margin histograms (right vs wrong), drawn by
+    ``python -m cdr_local.plot`` in a child process.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    secs = list(rep["sections"])
-    width = 0.8 / len(METHODS)
-    for i, m in enumerate(METHODS):
-        accs = [100 * rep["methods"][m]["sections"][s]["acc"] for s in secs]
-        a1.bar(np.arange(len(secs)) + i * width, accs, width, label=m)
-    a1.set_xticks(np.arange(len(secs)) + 0.4 - width / 2, secs)
-    a1.axhline(50, color="grey", lw=0.8, ls="--")
-    a1.set_ylabel("accuracy (%)")
-    a1.legend(fontsize=7, ncol=2)
-    margins = np.array([p.values[MAIN][0] - p.values[MAIN][1] for p in pairs])
-    a2.hist(margins[margins > 0], bins=40, alpha=0.6, label="right (chosen > rejected)")
-    a2.hist(margins[margins <= 0], bins=40, alpha=0.6, label="wrong")
-    a2.set_xlabel("reward(chosen) - reward(rejected), " + MAIN)
-    a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    Why a child: the report is complete by now, and a plotting stack that
+    cannot live beside llama.cpp in one process must not take the command
+    down with it (seen: importing matplotlib after a CUDA build of llama.cpp
+    segfaulted).  Returns None when the plot was written, else why not.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return "missing"
+    margins = [p.values[MAIN][0] - p.values[MAIN][1] for p in pairs]
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "cdr_local.plot", str(rep_path), str(path)],
+            input=orjson.dumps(margins), capture_output=True, timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"plot failed: {e}"
+    if r.returncode != 0:
+        last = r.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        return f"plot failed (exit {r.returncode}){': ' + last[0] if last[0] else ''}"
+    return None

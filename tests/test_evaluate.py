@@ -6,6 +6,7 @@ a tiny pair."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -510,3 +511,40 @@ def test_paired_difference(hand_output: Path) -> None:
     assert paired_difference(b, a, n_boot=200)["diff"] == pytest.approx(-1 / 8)
     with pytest.raises(ValueError, match="same pairs"):
         paired_difference(a, a[::-1])
+
+
+def _report_only_copy(eval_run: tuple[Path, Path], dst: Path) -> tuple[Path, Path]:
+    """The eval run's output (and sidecar) copied to ``dst``: a report there leaves the fixture's alone."""
+    inp, out = eval_run
+    out2 = dst / "out.jsonl"
+    shutil.copy(out, out2)
+    shutil.copy(str(out) + ".meta.json", str(out2) + ".meta.json")
+    return inp, out2
+
+
+def test_eval_plot_is_a_png(eval_run: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    inp, out = _report_only_copy(eval_run, tmp_path)
+    r = _cdr("eval", inp, "-o", out, "--report-only", "--bootstrap", "50")
+    assert r.returncode == 0, r.stdout + r.stderr
+    png = tmp_path / "out.report.png"
+    assert f"plot: {png}" in r.stdout
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_crashing_plot_does_not_fail_eval(eval_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A plotting stack that dies (here a matplotlib that aborts on import, as a
+    real one did beside a CUDA build of llama.cpp) costs the plot, not the run."""
+    inp, out = _report_only_copy(eval_run, tmp_path)
+    fake = tmp_path / "site" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os\nos.abort()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CDR_MODELS", "CDR_CACHE_DIR", "CDR_LLAMA_LOG")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), *filter(None, [env.get("PYTHONPATH")])])
+    r = subprocess.run([*CDR, "eval", str(inp), "-o", str(out), "--report-only", "--bootstrap", "50"],
+                       capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "plot failed (exit -6)" in r.stdout and "the report is complete" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    assert (tmp_path / "out.report.json").exists() and not (tmp_path / "out.report.png").exists()

@@ -159,5 +159,11 @@ def eval_(
     elif "tau_error" in rep:
         console.print(f"no temperature fitted: {rep['tau_error']}")
     png = rep_path[: -len(".json")] + ".png"
-    drew = plot(rep, pairs, png)
-    console.print(f"report: {rep_path}" + (f"  plot: {png}" if drew else "  (plot: pip install 'cdr-local\\[plot]')"))
+    why = plot(rep_path, pairs, png)
+    if why is None:
+        note = f"  plot: {png}"
+    elif why == "missing":
+        note = "  (plot: pip install 'cdr-local[plot]')"
+    else:  # the child failed: say so, but the report is written and the run succeeded
+        note = f"  ({why}; the report is complete)"
+    console.print(f"report: {rep_path}{note}", markup=False, soft_wrap=True)  # paths stay whole
