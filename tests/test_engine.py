@@ -107,11 +107,13 @@ def test_scores_do_not_depend_on_batch_or_cache_state(tiny_bos_model):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
 
 
-def test_scores_do_not_depend_on_thread_count(tiny_bos_model):
+@pytest.mark.parametrize("which", ["tiny", "smollm2-135m"])
+def test_scores_do_not_depend_on_thread_count(which, tiny_bos_model):
     """threads moves llama.cpp's split and the log-softmax's pool: neither may move a bit."""
+    path = tiny_bos_model if which == "tiny" else real_model_path(which)
     outs = []
     for threads in (1, 2, 3):
-        with LlamaModel(tiny_bos_model, EngineSettings(n_ctx=512, n_batch=64, n_ubatch=64, n_threads=threads)) as m:
+        with LlamaModel(path, EngineSettings(n_ctx=512, n_batch=64, n_ubatch=64, n_threads=threads)) as m:
             side = ChatSide(m, system=None, fallback_template=None)
             tok = side.tokenize(PROMPTS[1], RESPONSES)
             outs.append(m.loglikelihood([ScoreRequest((tok.context,), tok.continuations)])[0])
