@@ -914,3 +914,31 @@ def test_sigkill_then_resume(
     )  # each reject once
     assert Path(str(out) + ".synth-report.json").read_bytes() == ref_report
     assert orjson.loads(Path(str(out) + ".meta.json").read_bytes())["status"] == "complete"
+
+
+def test_reverify_with_cdr_eval_matches_synth_verify(cli_runs: dict[str, Any], tiny_registry: Path) -> None:
+    """benchmarks/synth_agreement.py over `cdr eval` of a synth output, with the
+    verifier's own pair, reproduces `cdr synth --verify`'s report group by group:
+    the two paths (synth's verify, eval's scoring of chosen/rejected) agree."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "synth_agreement.py"
+    spec = importlib.util.spec_from_file_location("synth_agreement", script)
+    assert spec is not None and spec.loader is not None
+    sa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sa)
+    out, _, report = cli_runs["verify"]
+    src = cli_runs["dir"] / "verify.jsonl"
+    ev = cli_runs["dir"] / "reverify.jsonl"
+    p = cdr("eval", src, "-o", ev, "--models", tiny_registry, "--pair", "tiny", "--plain", "--threads", "1",
+            "--bootstrap", "50", home=cli_runs["home"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = sa.agreement(jsonl(out), jsonl(ev.read_bytes()))
+    assert got["overall"] == (report["overall"]["agree"], report["overall"]["n"])
+    for lab, v in report["per_label"].items():
+        assert got[f"label: {lab}"] == (v["agree"], v["n"])
+    for asp, v in report["per_aspect"].items():
+        assert got[f"aspect: {asp}"] == (v["agree"], v["n"])
+    rows = jsonl(out)
+    second = sum(r["verify"]["reward_2"] > r["verify"]["reward_1"] for r in rows)
+    assert got["prefers response 2"] == (second, len(rows))
