@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_writer
+
 
 def sigmoid(z: np.ndarray | float) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
@@ -235,8 +237,6 @@ def length_control_file(src: str, dst: str, tau: float = 1.0) -> tuple[LengthCon
         raise ValueError("length control needs at least 3 records with exactly two responses")
     lc = fit_length_control(np.array(margins), np.array(dlens), tau=tau)
     n = 0
-    from .atomic import atomic_writer
-
     with open(src, "rb") as f, atomic_writer(Path(dst)) as g:
         for i, line in enumerate(f, 1):
             if not line.strip():

@@ -9,6 +9,7 @@ of the main method's margins on right and wrong pairs.  The margins
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 import orjson
@@ -16,16 +17,15 @@ import orjson
 from .evaluate import MAIN, METHODS
 
 
-def draw(rep: dict[str, object], margins: np.ndarray, path: str) -> None:
+def draw(rep: dict[str, Any], margins: np.ndarray, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = rep["methods"]
-    assert isinstance(methods, dict)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    secs = list(rep["sections"])  # type: ignore[call-overload]
+    secs = list(rep["sections"])
     width = 0.8 / len(METHODS)
     for i, m in enumerate(METHODS):
         accs = [100 * methods[m]["sections"][s]["acc"] for s in secs]
