@@ -307,7 +307,7 @@ def bench_workload(label: str, args: argparse.Namespace, pair_name: str | None, 
     sub = args.naive_records
     naive_tok = sum(r.context_len + sum(len(c) for c in r.continuations) for w in works for r in w.requests[:sub])
     naive_dt, naive_sums = 0.0, []
-    for w in works:
+    for w in works if sub > 0 else []:
         d, s = run_naive(w.path, w.requests[:sub], settings.threads(), args.n_ctx, args.n_gpu_layers)
         naive_dt += d
         naive_sums += s
@@ -315,7 +315,7 @@ def bench_workload(label: str, args: argparse.Namespace, pair_name: str | None, 
     n_sub = sum(len(r.continuations) for w in works for r in w.requests[:sub])
     cdr_sub = [x for w in works for x in w.sums[: sum(len(r.continuations) for r in w.requests[:sub])]]
     rates = {k: tokens / min(v) for k, v in times.items()}
-    rates["naive"] = naive_tok / naive_dt
+    rates["naive"] = naive_tok / naive_dt if naive_dt > 0 else float("nan")  # --naive-records 0: no row
     res: dict[str, Any] = {
         "records": len(records),
         "tokens": tokens,

@@ -11,19 +11,34 @@ from .records import Record
 from .reward import ResponseScore, judge
 
 if TYPE_CHECKING:
+    from .calibration import Calibration, Confidence
     from .pair import LoadedPair
     from .router import KeywordRouter, ModelRouter, NoneRouter
+    from .rules import RuleSpec
 
 # keys the output owns; input fields with these names are kept as input_<key>
 OUTPUT_KEYS = {
-    "id", "prompt", "chosen", "rejected", "margin", "margin_mean", "label", "tie", "agree",
+    "id", "prompt", "chosen", "rejected", "margin", "margin_z", "confidence", "margin_mean", "label", "tie", "agree",
     "scores", "truncated", "input_format", "line", "domain", "domain_source", "responses",
 }
 
 
-def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str, Any], dict[str, float]]:
-    """The output line for one record, and the stats the progress display shows."""
-    j = judge(scores)
+def build_output(record: Record, scores: list[ResponseScore], *, token_logprobs: bool = False,
+                 rule: RuleSpec | None = None, confidence: Confidence | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """The output line for one record, and the stats the progress display shows.
+
+    ``rule`` decides the label (default: cdr-sum, CDR as published); ``margin``
+    is the rule's value(chosen) - value(rejected), ``margin_z`` that margin
+    over how its noise grows with length, ``confidence`` P(label right) from
+    ``confidence`` (a calibration, or the uncalibrated default)."""
+    from .calibration import Confidence as _Confidence
+    from .rules import DEFAULT_RULE, parse_rule
+
+    rule = rule or parse_rule(DEFAULT_RULE)
+    confidence = confidence or _Confidence()
+    resp = [s.response(len(record.responses[i])) for i, s in enumerate(scores)]
+    values = rule.values(resp)
+    j = judge(scores, values)
     obj: dict[str, Any] = {"id": record.id, "prompt": record.prompt_raw}
     if record.fmt == "responses":  # keep every text: `cdr pairs` reads them back
         obj["responses"] = [record.as_response(r) for r in record.responses]
@@ -32,6 +47,8 @@ def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str,
         obj["chosen"] = record.as_response(record.responses[j.best])
         obj["rejected"] = record.as_response(record.responses[j.worst])
         obj["margin"] = j.margin
+        obj["margin_z"] = rule.rule.z(j.margin, resp[j.best], resp[j.worst])
+        obj["confidence"] = 0.5 if j.tie else confidence(obj["margin_z"])
         obj["margin_mean"] = j.margin_mean
         obj["label"] = "tie" if j.tie else record.response_name(j.best)
         obj["tie"] = j.tie
@@ -40,6 +57,7 @@ def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str,
     obj["scores"] = [
         {
             "response": record.response_name(i),
+            "value": values[i],
             "reward": s.reward,
             "reward_mean": s.reward_mean,
             "strong_logprob": s.strong.logprob,
@@ -48,6 +66,7 @@ def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str,
             "weak_tokens": s.weak.n_tokens,
             "truncated": s.truncated,
             "chars": len(record.responses[i]),
+            **({"strong_token_logprobs": list(s.strong.token_logprobs), "weak_token_logprobs": list(s.weak.token_logprobs)} if token_logprobs else {}),
         }
         for i, s in enumerate(scores)
     ]
@@ -61,6 +80,7 @@ def build_output(record: Record, scores: list[ResponseScore]) -> tuple[dict[str,
     }
     if n >= 2:
         stats["margin"] = j.margin
+        stats["confidence"] = obj["confidence"]
         stats["tie"] = float(j.tie)
         if not j.tie:
             stats["first_wins"] = float(j.best == 0)
@@ -90,19 +110,33 @@ class AnnotateTask:
     decides the criteria and exemplars that both models read.
     """
 
-    def __init__(self, pair: LoadedPair, profile: Profile | None = None, router: KeywordRouter | ModelRouter | NoneRouter | None = None) -> None:
+    def __init__(self, pair: LoadedPair, profile: Profile | None = None, router: KeywordRouter | ModelRouter | NoneRouter | None = None,
+                 *, token_logprobs: bool = False, rule: str | None = None, calibration: Calibration | None = None) -> None:
+        from .calibration import Confidence
         from .router import NoneRouter
+        from .rules import DEFAULT_RULE, parse_rule
 
+        self.token_logprobs = token_logprobs
+        self.calibration = calibration
+        self.rule = parse_rule(rule or (calibration.rule if calibration else DEFAULT_RULE), calibration.params if calibration else None)
+        self.confidence = calibration.confidence_for(self.rule.label()) if calibration else Confidence()
         self.pair = pair
         self.profile = profile or load_profile("none")
         self.router = router or NoneRouter(self.profile)
 
     def metadata(self) -> dict[str, Any]:
+        cal = self.calibration
         return {"profile": {"name": self.profile.name, "path": self.profile.path, "sha256": self.profile.sha256,
-                            "domains": list(self.profile.domains)}, "router": self.router.name}
+                            "domains": list(self.profile.domains)}, "router": self.router.name,
+                "rule": {"label": self.rule.label(), **self.rule.to_json(), "summary": self.rule.rule.summary},
+                "confidence": {"calibrated": self.confidence.calibrated, "a": self.confidence.a, "b": self.confidence.b,
+                               "calibration": cal.path if cal else None,
+                               "model": "P(label right) = sigmoid(a + b * |margin_z|)"
+                               + ("" if self.confidence.calibrated else " (uncalibrated default: no calibration for this pair and rule)")}}
 
     def numerics(self) -> dict[str, Any]:
-        return {"profile.sha256": self.profile.sha256, "router": self.router.name}
+        return {"profile.sha256": self.profile.sha256, "router": self.router.name, "rule": self.rule.label(),
+                "rule.params": self.rule.to_json()["params"], "confidence": [self.confidence.a, self.confidence.b]}
 
     def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
         given = record.extra.get("domain")
@@ -119,7 +153,7 @@ class AnnotateTask:
             scores = self.pair.score(profile_messages(self.profile, domain, record.messages), record.responses)
         except TemplateError as e:
             raise RecordError(str(e)) from None
-        obj, stats = build_output(record, scores)
+        obj, stats = build_output(record, scores, token_logprobs=self.token_logprobs, rule=self.rule, confidence=self.confidence)
         obj["domain"] = domain
         obj["domain_source"] = source
         obj.pop("input_domain", None)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 
 def fsync_dir(d: Path) -> None:
@@ -36,18 +37,27 @@ def atomic_writer(path: Path, *, tmp: Path | None = None) -> Iterator[BinaryIO]:
     """Stream into a temporary file that replaces ``path`` only if the block ends cleanly.
 
     On any exception (a full disk, a bad record, Ctrl-C) the temporary file is
-    removed, the exception propagates and ``path`` is untouched.
+    removed, the exception propagates and ``path`` is untouched.  The temporary
+    name is unique (``.NAME.PID.RANDOM.tmp`` beside ``path``), so two processes
+    writing one path never share a temporary file: the last rename wins, and
+    the file is always one whole version.
     """
-    tmp = tmp or path.with_name(path.name + ".tmp")
+    mode = "wb"
+    if tmp is None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        mode = "xb"  # never another writer's temporary file
+    created = False
     try:
-        with open(tmp, "wb") as f:
-            yield f
+        with open(tmp, mode) as f:
+            created = True
+            yield cast(BinaryIO, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
@@ -60,3 +70,4 @@ def write_bytes_atomic(path: Path, data: bytes, *, tmp: Path | None = None) -> N
     """
     with atomic_writer(path, tmp=tmp) as f:
         f.write(data)
+

@@ -54,6 +54,7 @@ from .errors import CdrError
 from .pipeline import (
     Events,
     IdSet,
+    InputReader,
     NullEvents,
     Output,
     RecordError,
@@ -62,8 +63,8 @@ from .pipeline import (
     Task,
     _atomic_write_json,
     _id_key,
-    _selected_lines,
     input_total,
+    keep,
 )
 from .records import Record, Reject
 
@@ -176,6 +177,7 @@ class _Partition:
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # line -> result row
     ready: bool = False
     attempts: int = 0
+    end: dict[str, Any] = field(default_factory=dict)  # the input checkpoint after its last line
 
 
 class _Parts:
@@ -377,19 +379,20 @@ def _cause(e: BaseException) -> BaseException | None:
 
 
 def _partitions(
-    cfg: RunConfig, parse: Callable[[bytes, int], Record | Reject | None], size: int, done: IdSet, hasher: Any
+    cfg: RunConfig, parse: Callable[[bytes, int], Record | Reject | None], size: int, done: IdSet, reader: InputReader
 ) -> Iterator[_Partition]:
     """Input lines in line-range partitions, classified as pipeline.run does."""
     seen = IdSet()
     queued = 0
     cur: _Partition | None = None
     # the local run's order (file order, or a sample's own order), cut every ``size`` lines
-    for i, (lineno, raw) in enumerate(_selected_lines(cfg, hasher)):
+    for i, (lineno, raw) in enumerate(reader.selected(cfg.select)):
         k = i // size
         if cur is None or cur.k != k:
             if cur is not None:
                 yield cur
             cur = _Partition(k)
+        cur.end = reader.checkpoint()
         item = parse(raw, lineno)
         if item is None:
             continue
@@ -519,10 +522,13 @@ def _drive(
     info: dict[str, Any],
 ) -> RunSummary:
     out = Output(cfg)
-    summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None)
+    summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None,
+                         abstained_path=str(out.abstained_path) if out.abstained_path and cfg.abstain else None)
+    reader = InputReader(cfg.input)
+    merged_to: dict[str, Any] = {"bytes": 0, "lines": 0, "sha256": hashlib.sha256().hexdigest()}
+    out.progress = lambda: merged_to
     summary.resumed = out.open()
     rng = random.Random(0)
-    hasher = hashlib.sha256()
     counts = {"partitions": 0, "scored": 0, "from_part_files": 0}
     info["this_run"] = counts
     t0 = time.perf_counter()
@@ -545,19 +551,16 @@ def _drive(
                 continue
             if cfg.limit is not None and summary.done >= cfg.limit:
                 continue
-            try:
-                out.write(row["obj"])
-            except OSError as e:
-                raise CdrError(f"cannot write {cfg.output}: {e.strerror}; everything before line {lineno} is saved, rerun with --resume") from None
-            summary.add_record(row["stats"], rng)
-            events.record(row["stats"])
+            keep(cfg, out, row["obj"], row["stats"], lineno, row["id"], reject, summary, rng, events)
         assert parts is not None
         parts.remove(p.k)
+        merged_to.clear()
+        merged_to.update(p.end)
 
     try:
         parts = _Parts(cfg.output, cfg.numerics, cfg.resume)
         events.start(total, summary.resumed)
-        reader = _partitions(cfg, parse, opts.partition_size, out.done_ids, hasher)
+        partitions = _partitions(cfg, parse, opts.partition_size, out.done_ids, reader)
         pending: deque[_Partition] = deque()
         window = max(4, 4 * len(pool.actors))
         reading = True
@@ -565,10 +568,10 @@ def _drive(
             while pool.resubmit and pool.free_slots() > 0:
                 pool.submit(pool.resubmit.pop(0))
             while reading and len(pending) < window and pool.free_slots() > 0:
-                p = next(reader, None)
+                p = next(partitions, None)
                 if p is None:
                     reading = False
-                    summary.input_sha256 = hasher.hexdigest()
+                    summary.input_sha256 = reader.hasher.hexdigest()
                     break
                 counts["partitions"] += 1
                 pending.append(p)

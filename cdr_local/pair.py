@@ -120,7 +120,7 @@ class LoadedPair:
                 loaded.setdefault(key, m)
                 self._models.append(m)
                 side = getattr(self.spec, role)
-                self.sides[role] = ChatSide(m, system=side.system, fallback_template=spec.chat_template)
+                self.sides[role] = ChatSide(m, system=side.system, fallback_template=spec.chat_template, template=side.template)
         except BaseException:
             self.close()
             raise
@@ -162,7 +162,7 @@ class LoadedPair:
                 "source": spec.source_label,
                 "system": side.system,
                 "chat_template_sha256": hashlib.sha256(side.template.encode()).hexdigest(),
-                "chat_template_from": "gguf" if side.model.chat_template() else "models.toml",
+                "chat_template_from": side.template_from,
                 "add_bos": side.model.add_bos,
                 "n_vocab": side.model.n_vocab,
                 "n_ctx_effective": side.model.n_ctx,  # llama.cpp may round n_ctx up
@@ -176,7 +176,14 @@ class LoadedPair:
             "models": models,
             "engine": self.settings.to_json(),
             "reward": "sum log p_strong(y|x) - sum log p_weak(y|x) over response + end-of-turn tokens",
+            "calibration_models": self.identity(),
         }
+
+    def identity(self) -> dict[str, Any]:
+        """What a calibration is tied to: each side's model name, registry sha256 and conversion."""
+        from .calibration import pair_identity
+
+        return pair_identity(self.registry, self.spec.name)
 
     def numerics(self) -> dict[str, Any]:
         """The settings that change scores: a resumed run must match them."""

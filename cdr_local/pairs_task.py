@@ -7,21 +7,35 @@ from typing import TYPE_CHECKING, Any
 from .pairs import NEEDS_EMBEDDINGS, SkipRecord, choose, cosine
 from .pipeline import RecordError
 from .records import Record
+from .rules import Response
 
 if TYPE_CHECKING:
     from .annotate import AnnotateTask
+    from .calibration import Confidence
     from .embed import Embedder
+    from .rules import RuleSpec
 
 
-def rewards_from_input(record: Record) -> list[float] | None:
-    """Rewards already in the record (an annotate output read back), in response order."""
+def _scored(record: Record) -> list[Response] | None:
+    """The scoring pass's numbers already in the record (an annotate output read back), in ``scores`` order."""
     sc = record.extra.get("scores")
     if not isinstance(sc, list) or len(sc) != len(record.responses):
         return None
     try:
-        rewards = [float(s["reward"]) for s in sc]
+        return [Response.from_score(s) for s in sc]
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def rewards_from_input(record: Record, rule: RuleSpec | None = None) -> list[float] | None:
+    """The rule's values (default cdr-sum) of the scores already in the record, in response order."""
+    from .rules import DEFAULT_RULE, parse_rule
+
+    sc = record.extra.get("scores")
+    resp = _scored(record)
+    if resp is None or not isinstance(sc, list):
+        return None
+    rewards = (rule or parse_rule(DEFAULT_RULE)).values(resp)
     if record.fmt != "responses":
         # annotate writes the winner of a chosen/rejected (or response_a/response_b)
         # input as "chosen" but keeps "scores" in the input's order, named; "label"
@@ -42,9 +56,16 @@ class PairsTask:
         embedder: Embedder | None,
         min_margin: float | None = None,
         seed: int = 0,
+        rule: RuleSpec | None = None,
+        confidence: Confidence | None = None,
     ) -> None:
+        from .calibration import Confidence as _Confidence
+        from .rules import DEFAULT_RULE, parse_rule
+
         if strategy in NEEDS_EMBEDDINGS and embedder is None:
             raise ValueError(f"strategy {strategy} needs an embedding model")
+        self.rule = scorer.rule if scorer is not None else (rule or parse_rule(DEFAULT_RULE))
+        self.confidence = scorer.confidence if scorer is not None else (confidence or _Confidence())
         self.strategy = strategy
         self.scorer = scorer
         self.embedder = embedder
@@ -52,13 +73,15 @@ class PairsTask:
         self.seed = seed
 
     def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
-        rewards = rewards_from_input(record)
+        rewards = rewards_from_input(record, self.rule)
+        resp = _scored(record)
         tokens = 0.0
         if rewards is None:
             if self.scorer is None:
                 raise RecordError("record has no rewards (scores) and no pair was given to score it")
             scored, st = self.scorer.process(record)
-            rewards = [float(s["reward"]) for s in scored["scores"]]
+            rewards = [float(s["value"]) for s in scored["scores"]]
+            resp = [Response.from_score(s) for s in scored["scores"]]
             tokens = st.get("tokens", 0.0)
         emb = self.embedder.embed(record.responses) if (self.embedder is not None and self.strategy in NEEDS_EMBEDDINGS) else None
         try:
@@ -78,13 +101,27 @@ class PairsTask:
             "chosen": record.as_response(record.responses[c.chosen]),
             "rejected": record.as_response(record.responses[c.rejected]),
             "margin": c.margin,
+            **self._confidence(c, resp, record, rewards),
             "strategy": self.strategy,
             "chosen_index": c.chosen,
             "rejected_index": c.rejected,
             "rewards": rewards,
             "similarity": sim,
         }
-        stats = {"tokens": tokens, "margin": c.margin}
+        stats = {"tokens": tokens, "margin": c.margin, "confidence": obj["confidence"]}
         if sim is not None:
             stats["similarity"] = sim
         return obj, stats
+
+    def _confidence(self, c: Any, resp: list[Response] | None, record: Record, rewards: list[float]) -> dict[str, Any]:
+        """margin_z and confidence of the chosen pair (see annotate.build_output), and the rule."""
+        z = 0.0
+        if resp is not None and len(resp) == len(rewards):
+            order = list(range(len(rewards)))
+            if record.fmt != "responses" and rewards_from_input(record, self.rule) is not None:
+                # annotate's output keeps scores in the input's order; texts may be swapped (see rewards_from_input)
+                vals = self.rule.values(resp)
+                if vals != rewards:
+                    order.reverse()
+            z = self.rule.rule.z(c.margin, resp[order[c.chosen]], resp[order[c.rejected]])
+        return {"margin_z": z, "confidence": 0.5 if c.margin == 0 else self.confidence(z), "rule": self.rule.label()}

@@ -23,7 +23,6 @@ The pipeline never imports rich: it reports through an :class:`Events` object.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import random
@@ -38,6 +37,8 @@ import orjson
 
 from .atomic import write_bytes_atomic
 from .errors import CdrError
+from .files import check_distinct, check_writable_target, is_regular, kind
+from .locks import try_lock
 from .records import Record, Reject
 
 RESERVOIR = 20_000
@@ -101,6 +102,12 @@ class RunConfig:
     # all, in file order.  An interleaved order (see evaluate.sample_lines) makes
     # every prefix of a run, and so any --limit, a balanced sample too.
     select: Sequence[int] | None = None
+    # other files the command will write (reports): (role, path), checked
+    # against the input and the output before anything is opened
+    also_writes: Sequence[tuple[str, str]] = ()
+    # a record the annotator is not confident enough about: returns why (the
+    # record then goes to OUT.abstained.jsonl, not the output), or None to keep it
+    abstain: Callable[[dict[str, Any]], str | None] | None = None
 
 
 @dataclass
@@ -121,6 +128,8 @@ class RunSummary:
     input_sha256: str | None = None
     output: str = ""
     rejects_path: str | None = None
+    abstained: int = 0  # records held back by --min-confidence / --keep-top in this run
+    abstained_path: str | None = None
 
     def add_record(self, stats: dict[str, float], rng: random.Random) -> None:
         """Count one written record (its task stats)."""
@@ -147,6 +156,12 @@ class RunSummary:
 
 def meta_path(output: str) -> Path:
     return Path(output + ".meta.json")
+
+
+def abstained_path(output: str) -> Path:
+    """``OUT.abstained.jsonl``: whole output lines the annotator was not confident enough to keep."""
+    p = Path(output)
+    return p.with_name(p.name[: -len(".jsonl")] + ".abstained.jsonl") if p.name.endswith(".jsonl") else Path(output + ".abstained.jsonl")
 
 
 def rejects_path(output: str) -> Path:
@@ -239,6 +254,15 @@ def repair_torn_tail(path: Path) -> int:
         return size - cut_at
 
 
+def _has_a_line(path: Path) -> bool:
+    """Whether the file holds at least one whole line (a newline)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if b"\n" in chunk:
+                return True
+    return False
+
+
 def _scan_ids(path: Path, key: str) -> Iterator[str]:
     with open(path, "rb") as f:
         for line in f:
@@ -252,44 +276,66 @@ def _scan_ids(path: Path, key: str) -> Iterator[str]:
                 yield str(obj[key])
 
 
-def _read_lines(source: str, hasher: Any) -> Iterator[tuple[int, bytes]]:
-    f: IO[bytes]
-    if source == "-":
-        f = sys.stdin.buffer
-        close = False
-    else:
-        try:
-            f = open(source, "rb")
-        except OSError as e:
-            raise CdrError(f"cannot read input {source}: {e.strerror}") from None
-        close = True
-    try:
-        for i, line in enumerate(f, 1):
-            hasher.update(line)
-            yield i, line
-    finally:
-        if close:
-            f.close()
+class InputReader:
+    """Reads the input line by line, hashing what it has read.
 
-
-def _selected_lines(cfg: RunConfig, hasher: Any) -> Iterator[tuple[int, bytes]]:
-    """All input lines in file order, or only ``cfg.select``'s in its order.
-
-    A sample is small, so its lines are held in memory (the rest of the input
-    is streamed past, and still hashed for the metadata).
+    ``checkpoint()`` says how much of the input has been read and what it
+    hashed to; the sidecar records it (``input_prefix``) so that ``--resume``
+    can refuse an input that is not the one the output came from.  A sample
+    (``select``) is taken after one pass over the whole input, so its
+    checkpoint is the whole input from the first record on.
     """
-    if cfg.select is None:
-        yield from _read_lines(cfg.input, hasher)
-        return
-    wanted = set(cfg.select)
-    picked = {i: line for i, line in _read_lines(cfg.input, hasher) if i in wanted}
-    for i in dict.fromkeys(cfg.select):  # once each, first position wins
-        if i in picked:
-            yield i, picked[i]
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.hasher = hashlib.sha256()
+        self.bytes = 0
+        self.lines = 0
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "lines": self.lines, "sha256": self.hasher.copy().hexdigest()}
+
+    def read(self) -> Iterator[tuple[int, bytes]]:
+        f: IO[bytes]
+        if self.source == "-":
+            f = sys.stdin.buffer
+            close = False
+        else:
+            try:
+                f = open(self.source, "rb")
+            except OSError as e:
+                raise CdrError(f"cannot read input {self.source}: {e.strerror}") from None
+            close = True
+        try:
+            for i, line in enumerate(f, 1):
+                self.hasher.update(line)
+                self.bytes += len(line)
+                self.lines = i
+                yield i, line
+        finally:
+            if close:
+                f.close()
+
+    def selected(self, select: Sequence[int] | None) -> Iterator[tuple[int, bytes]]:
+        """All input lines in file order, or only ``select``'s in its order.
+
+        A sample is small, so its lines are held in memory (the rest of the input
+        is streamed past, and still hashed for the metadata).
+        """
+        if select is None:
+            yield from self.read()
+            return
+        wanted = set(select)
+        picked = {i: line for i, line in self.read() if i in wanted}
+        for i in dict.fromkeys(select):  # once each, first position wins
+            if i in picked:
+                yield i, picked[i]
 
 
 def count_lines(source: str) -> int | None:
-    if source == "-":
+    """Lines of a regular file; ``None`` for stdin, a pipe or a FIFO (counting
+    would consume it, or block)."""
+    if source == "-" or not is_regular(source):
         return None
     n = 0
     last = b"\n"
@@ -307,7 +353,15 @@ def input_total(cfg: RunConfig) -> int | None:
     """How many input lines the run will read (``None`` for stdin), for progress and
     the id set's size; a selection also goes into the metadata.  Called before the
     output is created, so an unreadable input is a user error that touches nothing."""
+    if cfg.input != "-":
+        k = kind(cfg.input)
+        if k in ("missing", "unreadable"):
+            raise CdrError(f"cannot read input {cfg.input}: {'no such file' if k == 'missing' else 'permission denied'}")
+        if k in ("directory", "block device", "socket"):
+            raise CdrError(f"cannot read input {cfg.input}: it is a {k}, not a file or a pipe")
     if cfg.select is not None:
+        if cfg.input == "-" or not is_regular(cfg.input):
+            raise CdrError("a sample (--per-section) needs the input as a regular file: it is read twice")
         total = len(set(cfg.select))
         cfg.meta["selected_lines"] = total
         return total
@@ -330,6 +384,99 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+def _check_same_input(cfg: RunConfig, old: dict[str, Any]) -> None:
+    """Refuse to resume from an input that is not the one the output came from.
+
+    The sidecar's ``input_prefix`` holds the size and sha256 of the part of the
+    input the output covers (checkpointed with every fsync, about once a
+    second).  The new input must start with exactly those bytes: lines may be
+    appended at the end, nothing before them may change.  A sample
+    (``--per-section``) depends on the whole input, so there the input must be
+    byte-identical.  A pipe cannot be read twice, so it cannot be checked.
+    """
+    prefix = old.get("input_prefix")
+    if not isinstance(prefix, dict):
+        whole = old.get("input_sha256")
+        if old.get("status") == "complete" and isinstance(whole, str):
+            prefix = {"sha256": whole, "bytes": None, "whole": True}
+        else:
+            raise InputChanged(
+                f"cannot resume {cfg.output}: its sidecar records no input checkpoint (written by an older cdr-local?), "
+                "so the input cannot be checked; use --force to resume anyway"
+            )
+    nbytes = prefix.get("bytes")
+    if nbytes == 0:
+        return
+    if cfg.input == "-" or not is_regular(cfg.input):
+        raise InputChanged(
+            f"cannot resume {cfg.output} from a pipe: it cannot be checked against the input the output came from "
+            "(resume from the file itself, or use --force)"
+        )
+    whole = bool(prefix.get("whole")) or cfg.select is not None
+    size = os.path.getsize(cfg.input)
+    h = hashlib.sha256()
+    want = size if nbytes is None or (whole and size != nbytes) else int(nbytes)
+    if whole and nbytes is not None and size != nbytes:
+        same = False
+    elif size < want:
+        same = False
+    else:
+        with open(cfg.input, "rb") as f:
+            left = want
+            while left > 0:
+                chunk = f.read(min(1 << 20, left))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+        same = left == 0 and h.hexdigest() == prefix.get("sha256")
+    if not same:
+        what = "the input must be the same file" if whole else (
+            f"its first {prefix.get('lines', '?')} lines ({nbytes} bytes) must be unchanged; only appended lines are accepted"
+        )
+        raise InputChanged(
+            f"cannot resume {cfg.output}: {cfg.input} is not the input this output came from ({what}); "
+            "use --overwrite to start again, or --force to resume anyway"
+        )
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Every check that needs no model: which files are which, whether the
+    output may be written, whether a resume can be checked.  Commands call it
+    before loading models (a mistake then costs no load or download), and
+    :meth:`Output.open` calls it again."""
+    out_path = None if cfg.output == "-" else cfg.output
+    rej = _rejects_path(cfg)
+    meta = None if out_path is None else str(meta_path(cfg.output))
+    abst = None if out_path is None else str(abstained_path(cfg.output))
+    check_distinct([("input", cfg.input), ("output", out_path), ("rejects file", rej), ("metadata sidecar", meta),
+                    ("abstained file", abst), *cfg.also_writes])
+    if out_path is None:
+        if cfg.resume:
+            raise CdrError("--resume needs an output file, not stdout")
+        if cfg.abstain is not None:
+            raise CdrError("--min-confidence / --keep-top need an output file (abstained records go to OUT.abstained.jsonl)")
+        return
+    if cfg.resume and cfg.overwrite:
+        raise CdrError("--resume and --overwrite exclude each other: continue the output, or start it again")
+    for role, p in (("output", out_path), ("rejects file", rej), ("metadata sidecar", meta), ("abstained file", abst), *cfg.also_writes):
+        if p is not None:
+            check_writable_target(role, p)
+    out = Path(out_path)
+    if out.exists() and out.stat().st_size > 0 and not cfg.resume and not cfg.overwrite:
+        raise CdrError(f"{out} exists: use --resume to continue it or --overwrite to start again")
+
+
+def _rejects_path(cfg: RunConfig) -> str | None:
+    if cfg.rejects == "-" or (cfg.rejects is None and cfg.output == "-"):
+        return None
+    return cfg.rejects if cfg.rejects else str(rejects_path(cfg.output))
+
+
+class InputChanged(CdrError):
+    """``--resume`` was given an input that is not the one the output came from."""
+
+
 class Output:
     """The output file (or stdout), its rejects file and its metadata sidecar."""
 
@@ -340,78 +487,120 @@ class Output:
         self.rejected_lines: set[int] = set()
         self._out: IO[bytes] | None = None
         self._rej: IO[bytes] | None = None
+        self._abs: IO[bytes] | None = None
+        self.abstained_path: Path | None = None if self.to_stdout else abstained_path(cfg.output)
         self._synced = time.monotonic()
-        self.rejects_path: Path | None = None
-        if cfg.rejects == "-" or (cfg.rejects is None and self.to_stdout):
-            self.rejects_path = None
-        else:
-            self.rejects_path = Path(cfg.rejects) if cfg.rejects else rejects_path(cfg.output)
+        rej = _rejects_path(cfg)
+        self.rejects_path: Path | None = Path(rej) if rej is not None else None
+        # how much of the input the records written so far cover (set by the
+        # driver); recorded in the sidecar at every fsync and at the end
+        self.progress: Callable[[], dict[str, Any]] | None = None
 
     def open(self) -> int:
         """Open for appending, take the lock, load the resume state; return records already done."""
         cfg = self.cfg
+        preflight(cfg)
         if self.to_stdout:
-            if cfg.resume:
-                raise CdrError("--resume needs an output file, not stdout")
             self._out = sys.stdout.buffer
-        else:
-            out = Path(cfg.output)
-            if out.parent and not out.parent.exists():
-                raise CdrError(f"output folder does not exist: {out.parent}")
-            exists = out.exists() and out.stat().st_size > 0
-            if exists and not cfg.resume and not cfg.overwrite:
-                raise CdrError(f"{out} exists: use --resume to continue it or --overwrite to start again")
-            try:
-                f = open(out, "ab")
-            except OSError as e:
-                raise CdrError(f"cannot write {out}: {e.strerror}") from None
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.close()
-                raise CdrError(f"{out} is being written by another cdr process (locked)") from None
-            self._out = f
-            try:
-                if not cfg.resume:
-                    # a fresh start (or --overwrite): a rejects file left by an
-                    # earlier run of this output would otherwise be appended to
-                    if exists:
-                        f.truncate(0)
-                    if self.rejects_path and self.rejects_path.exists():
-                        self.rejects_path.unlink()
-                elif exists:
-                    self._check_meta()
-                    repair_torn_tail(out)
-                    for rid in _scan_ids(out, "id"):
+            return 0
+        out = Path(cfg.output)
+        exists = out.exists() and out.stat().st_size > 0
+        try:
+            f = open(out, "ab")
+        except OSError as e:
+            raise CdrError(f"cannot write {out}: {e.strerror}") from None
+        if not try_lock(f.fileno()):
+            f.close()
+            raise CdrError(f"{out} is being written by another cdr process (locked)")
+        self._out = f
+        try:
+            if not cfg.resume:
+                # a fresh start (or --overwrite): a rejects file left by an
+                # earlier run of this output would otherwise be appended to
+                if exists:
+                    f.truncate(0)
+                for old in (self.rejects_path, self.abstained_path):
+                    if old is not None and old.exists():
+                        old.unlink()
+            elif exists and not _has_a_line(out):
+                repair_torn_tail(out)  # a torn piece of a first line: nothing to resume, nothing to check
+            elif exists:
+                self._check_meta()
+                repair_torn_tail(out)
+                for rid in _scan_ids(out, "id"):
+                    self.done_ids.add(_id_key(rid))
+                if self.abstained_path is not None and self.abstained_path.exists():
+                    repair_torn_tail(self.abstained_path)
+                    for rid in _scan_ids(self.abstained_path, "id"):
                         self.done_ids.add(_id_key(rid))
-                if self.rejects_path is not None:
-                    if cfg.resume and self.rejects_path.exists():
-                        repair_torn_tail(self.rejects_path)
-                        for ln in _scan_ids(self.rejects_path, "line"):
-                            self.rejected_lines.add(int(ln))
-                _atomic_write_json(meta_path(cfg.output), {**cfg.meta, "numerics": cfg.numerics, "status": "running"})
-            except BaseException as e:  # e.g. settings differ: release the lock, do not leak the file
-                self._out = None
-                f.close()
-                if isinstance(e, OSError):  # e.g. a read-only folder: the torn-tail repair cannot write
-                    raise CdrError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
-                raise
+            if self.rejects_path is not None:
+                if cfg.resume and self.rejects_path.exists():
+                    repair_torn_tail(self.rejects_path)
+                    for ln in _scan_ids(self.rejects_path, "line"):
+                        self.rejected_lines.add(int(ln))
+            self._previous_prefix = self._prefix_to_keep(exists)
+            self._write_meta("running")
+        except BaseException as e:  # e.g. settings differ: release the lock, do not leak the file
+            self._out = None
+            f.close()
+            if isinstance(e, OSError):  # e.g. a read-only folder: the torn-tail repair cannot write
+                raise CdrError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
+            raise
         return len(self.done_ids)
 
+    _previous_prefix: dict[str, Any] | None = None
+    _old_meta: dict[str, Any] | None = None
+
+    def _prefix_to_keep(self, exists: bool) -> dict[str, Any] | None:
+        """On resume, the previous run's input checkpoint stands until this run
+        has read past it (a sidecar written before the first tick must not claim less)."""
+        if not (self.cfg.resume and exists and self._old_meta):
+            return None
+        p = self._old_meta.get("input_prefix")
+        return p if isinstance(p, dict) else None
+
+    def _write_meta(self, status: str, extra: dict[str, Any] | None = None) -> None:
+        prefix = self.progress() if self.progress is not None else None
+        prev = self._previous_prefix
+        if prev is not None and (prefix is None or int(prefix.get("bytes", 0)) < int(prev.get("bytes", 0))):
+            prefix = prev
+        body: dict[str, Any] = {**self.cfg.meta, "numerics": self.cfg.numerics, "status": status}
+        if prefix is not None:
+            body["input_prefix"] = prefix
+        _atomic_write_json(meta_path(self.cfg.output), {**body, **(extra or {})})
+
     def _check_meta(self) -> None:
-        mp = meta_path(self.cfg.output)
+        """Resume only what can be checked: the settings that change scores, and
+        that the input is the one the output came from (its checkpointed prefix)."""
+        cfg = self.cfg
+        mp = meta_path(cfg.output)
+        why = None
+        old: Any = None
         if not mp.exists():
-            return
-        try:
-            old = orjson.loads(mp.read_bytes())
-        except orjson.JSONDecodeError:
-            return
-        prev = old.get("numerics") or {}
-        diffs = _diff(prev, self.cfg.numerics)
-        if diffs and not self.cfg.force:
+            why = f"its sidecar {mp} is missing"
+        else:
+            try:
+                old = orjson.loads(mp.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                why = f"its sidecar {mp} is unreadable (torn or edited)"
+            else:
+                if not isinstance(old, dict):
+                    why, old = f"its sidecar {mp} is not a metadata object", None
+        if why is not None:
+            if cfg.force:
+                return
             raise CdrError(
-                f"cannot resume {self.cfg.output}: settings that change scores differ from the first run ({'; '.join(diffs)}); use --force to resume anyway"
+                f"cannot resume {cfg.output}: {why}, so neither the settings nor the input can be checked; use --force to resume anyway"
             )
+        self._old_meta = old
+        prev = old.get("numerics") or {}
+        diffs = _diff(prev, cfg.numerics)
+        if diffs and not cfg.force:
+            raise CdrError(
+                f"cannot resume {cfg.output}: settings that change scores differ from the first run ({'; '.join(diffs)}); use --force to resume anyway"
+            )
+        if not cfg.force:
+            _check_same_input(cfg, old)
 
     def write(self, obj: dict[str, Any]) -> None:
         """Append one line.  orjson.JSONEncodeError (nothing written): the record
@@ -420,10 +609,28 @@ class Output:
         self._out.write(orjson.dumps(obj) + b"\n")
         self._out.flush()
         if not self.to_stdout and time.monotonic() - self._synced >= FSYNC_SECONDS:
-            for f in (self._out, self._rej):
-                if f is not None:
-                    os.fsync(f.fileno())
-            self._synced = time.monotonic()
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync what is written, then checkpoint the input in the sidecar (in that
+        order: the sidecar never claims more than the output holds)."""
+        for f in (self._out, self._rej, self._abs):
+            if f is not None:
+                os.fsync(f.fileno())
+        if not self.to_stdout:
+            self._write_meta("running")
+        self._synced = time.monotonic()
+
+    def abstain(self, obj: dict[str, Any], why: str) -> None:
+        """Append a whole output line, with why it was held back, to OUT.abstained.jsonl."""
+        assert self.abstained_path is not None
+        if self._abs is None:
+            try:
+                self._abs = open(self.abstained_path, "ab")
+            except OSError as e:
+                raise CdrError(f"cannot write {self.abstained_path}: {e.strerror}") from None
+        self._abs.write(orjson.dumps({**obj, "abstained": why}) + b"\n")
+        self._abs.flush()
 
     def reject(self, rej: Reject) -> bool:
         """Record a reject once; return False if it was already recorded."""
@@ -452,7 +659,7 @@ class Output:
         """Close the files and record the final status.  With ``failed`` (an error is
         on its way up) nothing here may replace that error: a full disk that broke a
         write also breaks the sidecar; the sidecar then keeps saying "running"."""
-        for f in (self._out, self._rej):
+        for f in (self._out, self._rej, self._abs):
             if f is not None and f is not sys.stdout.buffer:
                 # after a failed write the buffer may still hold a piece of a line:
                 # flushing it again fails again, and resume cuts what did get out
@@ -467,17 +674,15 @@ class Output:
                     self._out.flush()
             return
         try:
-            _atomic_write_json(
-                meta_path(self.cfg.output),
+            self._write_meta(
+                "failed" if failed else "interrupted" if summary.interrupted else "complete",
                 {
-                    **self.cfg.meta,
-                    "numerics": self.cfg.numerics,
-                    "status": "failed" if failed else "interrupted" if summary.interrupted else "complete",
                     "input_sha256": summary.input_sha256,
                     "counts": {
                         "written_this_run": summary.done,
                         "already_done": summary.resumed,
                         "rejected_this_run": summary.rejected,
+                        "abstained_this_run": summary.abstained,
                         "truncated_this_run": summary.truncated,
                         "seconds_this_run": round(summary.seconds, 3),
                     },
@@ -497,13 +702,20 @@ def run(
     """Stream ``cfg.input`` through ``task`` into ``cfg.output``."""
     events = events or NullEvents()
     out = Output(cfg)
-    summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None)
+    summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None,
+                         abstained_path=str(out.abstained_path) if out.abstained_path and cfg.abstain else None)
     total = input_total(cfg)  # before the output is created: an unreadable input is a user error
+    reader = InputReader(cfg.input)
+    done_at: dict[str, Any] | None = None  # the input checkpoint where --limit stopped the work
+
+    def progress() -> dict[str, Any]:
+        return done_at if done_at is not None else reader.checkpoint()
+
+    out.progress = progress
     summary.resumed = out.open()
     rng = random.Random(0)
     events.start(total, summary.resumed)
     seen = IdSet.for_items(total)
-    hasher = hashlib.sha256()
     t0 = time.perf_counter()
     failed = False
 
@@ -513,39 +725,15 @@ def run(
         events.reject(rej)
 
     try:
-        for lineno, raw in _selected_lines(cfg, hasher):
+        for lineno, raw in reader.selected(cfg.select):
             if cfg.limit is not None and summary.done >= cfg.limit:
                 # read on (the input's sha256) but record nothing more, not even rejects:
                 # the resumed run records them, in input order, as one whole run would
                 continue
-            item = parse(raw, lineno)
-            if item is None:
-                continue
-            if isinstance(item, Reject):
-                reject(item)
-                continue
-            key = _id_key(item.id)
-            if key in seen:
-                reject(Reject(lineno, f"duplicate id {item.id!r}", id=item.id))
-                continue
-            seen.add(key)
-            if key in out.done_ids:
-                continue
-            try:
-                obj, stats = task.process(item)
-            except RecordError as e:
-                reject(Reject(lineno, str(e), id=item.id, detail=e.detail))
-                continue
-            try:
-                out.write(obj)
-            except orjson.JSONEncodeError as e:  # e.g. a pass-through field nested too deep
-                reject(Reject(lineno, f"output cannot be written as JSON: {e}", id=item.id))
-                continue
-            except OSError as e:
-                raise CdrError(f"cannot write {cfg.output}: {e.strerror or e}; everything before line {lineno} is saved, rerun with --resume") from None
-            summary.add_record(stats, rng)
-            events.record(stats)
-        summary.input_sha256 = hasher.hexdigest()
+            _process_line(cfg, out, task, parse, lineno, raw, seen, reject, summary, rng, events)
+            if cfg.limit is not None and summary.done >= cfg.limit and done_at is None:
+                done_at = reader.checkpoint()
+        summary.input_sha256 = reader.hasher.hexdigest()
     except KeyboardInterrupt:
         summary.interrupted = True
     except BaseException:
@@ -556,3 +744,50 @@ def run(
         out.close(summary, failed)
     events.finish(summary)
     return summary
+
+
+def _process_line(
+    cfg: RunConfig, out: Output, task: Task, parse: Callable[[bytes, int], Record | Reject | None], lineno: int,
+    raw: bytes, seen: IdSet, reject: Callable[[Reject], None], summary: RunSummary, rng: random.Random, events: Events,
+) -> None:
+    item = parse(raw, lineno)
+    if item is None:
+        return
+    if isinstance(item, Reject):
+        reject(item)
+        return
+    key = _id_key(item.id)
+    if key in seen:
+        reject(Reject(lineno, f"duplicate id {item.id!r}", id=item.id))
+        return
+    seen.add(key)
+    if key in out.done_ids:
+        return
+    try:
+        obj, stats = task.process(item)
+    except RecordError as e:
+        reject(Reject(lineno, str(e), id=item.id, detail=e.detail))
+        return
+    keep(cfg, out, obj, stats, lineno, item.id, reject, summary, rng, events)
+
+
+def keep(cfg: RunConfig, out: Output, obj: dict[str, Any], stats: dict[str, float], lineno: int, rid: str,
+         reject: Callable[[Reject], None], summary: RunSummary, rng: random.Random, events: Events) -> None:
+    """Write one finished record: to the output, or, if the annotator abstains on it,
+    to the abstained file.  Shared by the local and the Ray driver."""
+    why = cfg.abstain(obj) if cfg.abstain is not None else None
+    try:
+        if why is not None:
+            out.abstain(obj, why)
+            summary.abstained += 1
+            stats = {**stats, "abstained": 1.0}
+        else:
+            out.write(obj)
+    except orjson.JSONEncodeError as e:  # e.g. a pass-through field nested too deep
+        reject(Reject(lineno, f"output cannot be written as JSON: {e}", id=rid))
+        return
+    except OSError as e:
+        raise CdrError(f"cannot write {cfg.output}: {e.strerror or e}; everything before line {lineno} is saved, rerun with --resume") from None
+    if why is None:
+        summary.add_record(stats, rng)
+    events.record(stats)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .rules import Response
 from .scoring import SideScore
 
 
@@ -34,6 +35,10 @@ class ResponseScore:
     def truncated(self) -> bool:
         return self.strong.truncated or self.weak.truncated
 
+    def response(self, chars: int) -> Response:
+        """The numbers a rule reads (:class:`rules.Response`)."""
+        return Response(self.strong.logprob, self.strong.n_tokens, self.weak.logprob, self.weak.n_tokens, chars)
+
 
 @dataclass(frozen=True)
 class Judgement:
@@ -44,11 +49,12 @@ class Judgement:
     margin_mean: float  # reward_mean[best] - reward_mean[worst] (same two responses)
 
 
-def judge(scores: Sequence[ResponseScore]) -> Judgement:
-    """Best vs worst by the summed reward; ties keep input order."""
+def judge(scores: Sequence[ResponseScore], values: Sequence[float] | None = None) -> Judgement:
+    """Best vs worst by ``values`` (a rule's, see :mod:`rules`; default the summed
+    reward); ties keep input order.  ``margin`` is in the values' units."""
     if not scores:
         raise ValueError("no scores")
-    rewards = [s.reward for s in scores]
+    rewards = list(values) if values is not None else [s.reward for s in scores]
     best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
     worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
     tie = rewards[best] == rewards[worst]

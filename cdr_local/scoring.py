@@ -32,6 +32,9 @@ class SideScore:
     logprob: float  # sum over scored tokens (response + end-of-turn)
     n_tokens: int
     truncated: bool
+    # the per-token log-probs whose sum is ``logprob`` (written out only on request:
+    # ``cdr eval --token-logprobs``, for rules that need more than the sums)
+    token_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,12 @@ def with_system(messages: Sequence[Message], system: str | None) -> list[Message
 class ChatSide:
     """A loaded model as one side of a pair: template, system prompt, truncation."""
 
-    def __init__(self, model: LlamaModel, *, system: str | None, fallback_template: str | None) -> None:
+    def __init__(self, model: LlamaModel, *, system: str | None, fallback_template: str | None, template: str | None = None) -> None:
         self.model = model
         self.system = system
-        self.template = resolve_template(model.chat_template(), fallback_template, model.name)
+        # a side's own template (models.toml: side.template) wins over the GGUF's
+        self.template_from = "pair" if template else "gguf" if model.chat_template() else "models.toml"
+        self.template = resolve_template(model.chat_template(), fallback_template, model.name, override=template)
         self.bos_text = model.token_text(model.bos_id) if model.bos_id >= 0 else ""
         self.eos_text = model.token_text(model.eos_id) if model.eos_id >= 0 else ""
         try:  # a template that cannot render one question fails here, once, not on every record
@@ -127,7 +132,7 @@ class ChatSide:
         req = ScoreRequest(context=tok.segments or (tok.context,), continuations=tok.continuations)
         lps = self.model.loglikelihood([req])[0]
         return [
-            SideScore(logprob=float(lp.sum()), n_tokens=len(lp), truncated=tr)
+            SideScore(logprob=float(lp.sum()), n_tokens=len(lp), truncated=tr, token_logprobs=tuple(lp.tolist()))
             for lp, tr in zip(lps, tok.truncated, strict=True)
         ]
 

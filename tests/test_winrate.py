@@ -12,7 +12,7 @@ import orjson
 import pytest
 from test_cli import CDR
 
-from cdr_local.lc import fit_length_control, lc_win_rate, sigmoid
+from cdr_local.lc import lc_win_rate, sigmoid
 from cdr_local.winrate import instruction_id, load_outputs, select_instructions, spearman
 
 INSTRUCTIONS = [f"Question {i}: tell me about topic {i}." for i in range(12)]
@@ -70,12 +70,16 @@ def test_winrate_cli_matches_recomputation(tmp_path: Path, tiny_registry: Path) 
     chosen = select_instructions(load_outputs(tmp_path / "base.json"), 10, 0)
     base_r = _rewards(out / "baseline.scores.jsonl")
     base = load_outputs(tmp_path / "base.json")
+    margins = {name: {s: _rewards(out / f"{name}.scores.jsonl")[instruction_id(s)] - base_r[instruction_id(s)] for s in chosen}
+               for name in ("m1", "m2", "m3")}
     for m in rep["models"]:
         outs = load_outputs(tmp_path / f"{m['name']}.json")
-        mr = _rewards(out / f"{m['name']}.scores.jsonl")
-        p = np.array([sigmoid((mr[instruction_id(s)] - base_r[instruction_id(s)]) / 2) for s in chosen])
+        p = np.array([sigmoid(margins[m["name"]][s] / 2) for s in chosen])
         dlen = np.array([len(base[s]) - len(outs[s]) for s in chosen], dtype=float)
-        want = lc_win_rate(p, dlen, n_boot=0)
+        # difficulty: the two other models' mean logit on each instruction
+        others = [n for n in margins if n != m["name"]]
+        diff = np.array([sum(margins[o][s] / 2 for o in others) / 2 for s in chosen])
+        want = lc_win_rate(p, dlen, diff, cv=True, n_boot=0)
         assert m["n"] == 10
         assert m["win_rate"] == pytest.approx(100 * p.mean(), abs=1e-9)
         assert m["lc_win_rate"] == pytest.approx(want.lc_win_rate, abs=1e-9)
@@ -83,6 +87,13 @@ def test_winrate_cli_matches_recomputation(tmp_path: Path, tiny_registry: Path) 
     lcs = [m["lc_win_rate"] for m in rep["models"]]
     assert lcs == sorted(lcs, reverse=True)  # leaderboard order
     assert "spearman_lc_vs_reference" in rep
+    # alpaca_eval's files: one leaderboard row per model, one annotation per (model, instruction)
+    board = (out / "leaderboard.csv").read_text().splitlines()
+    assert board[0].split(",")[1:4] == ["win_rate", "standard_error", "n_wins"] and len(board) == 4
+    row = dict(zip(board[0].split(","), board[1].split(","), strict=True))
+    assert float(row["length_controlled_winrate"]) == pytest.approx(rep["models"][0]["lc_win_rate"])
+    ann = json.loads((out / "annotations.json").read_text())
+    assert len(ann) == 30 and all(1 <= a["preference"] <= 2 for a in ann)
     # a rerun resumes: nothing is rescored, same report
     r2 = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0
@@ -92,7 +103,9 @@ def test_winrate_cli_matches_recomputation(tmp_path: Path, tiny_registry: Path) 
     r3 = subprocess.run([*args, "--report-only"], capture_output=True, text=True, timeout=120)
     assert r3.returncode == 0, r3.stderr
     partial = json.loads((out / "winrate.json").read_text())["models"]
-    assert partial == [m for m in rep["models"] if m["name"] != "m3"]
+    # the same raw win rates; LC may move, as the difficulty term needs two other models
+    want = {m["name"]: m["win_rate"] for m in rep["models"] if m["name"] != "m3"}
+    assert {m["name"]: m["win_rate"] for m in partial} == want
     assert not (out / "m3.scores.jsonl").exists()
 
 
@@ -109,16 +122,19 @@ def test_lc_cli_writes_debiased_labels(tmp_path: Path, tiny_registry: Path) -> N
     assert r.returncode == 0, r.stderr
     recs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert len(recs) == 10
-    m_ab = np.array([x["scores"][0]["reward"] - x["scores"][1]["reward"] for x in recs])
-    dlen = np.array([x["scores"][1]["chars"] - x["scores"][0]["chars"] for x in recs], dtype=float)
-    fit = fit_length_control(m_ab, dlen, tau=1.5)
+    m_ab = np.array([x["scores"][0]["value"] - x["scores"][1]["value"] for x in recs])
+    dtok = np.array([x["scores"][0]["strong_tokens"] - x["scores"][1]["strong_tokens"] for x in recs], dtype=float)
+    slope = float(np.dot(dtok, m_ab) / np.dot(dtok, dtok))  # least squares through the origin, by hand
     meta = json.loads(Path(str(out) + ".lc.json").read_text())
-    assert meta["phi"] == pytest.approx(fit.phi, abs=1e-9) and meta["records"] == 10
-    for x, m, d in zip(recs, m_ab, dlen, strict=True):
+    assert meta["slope_nats_per_token"] == pytest.approx(slope, rel=1e-9) and meta["records"] == 10
+    changed = 0
+    for x, m, d in zip(recs, m_ab, dtok, strict=True):
         assert x["prob"] == pytest.approx(float(sigmoid(m / 1.5)))
-        assert x["lc_margin"] == pytest.approx(m - 1.5 * fit.phi * np.tanh(d / fit.std_dlen))
+        assert x["lc_margin"] == pytest.approx(m - slope * d)
         assert x["lc_prob"] == pytest.approx(float(sigmoid(x["lc_margin"] / 1.5)))
         assert x["lc_label"] == ("response_a" if x["lc_margin"] > 0 else "response_b")
+        changed += (m > 0) != (x["lc_margin"] > 0)
+    assert meta["labels_changed"] == changed
     # user errors: one line, exit 2
     r = subprocess.run([*CDR, "lc", str(ann), "-o", str(ann)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("cdr: error:") and "Traceback" not in r.stderr

@@ -83,6 +83,10 @@ def main() -> None:
         from typer._click.exceptions import ClickException
 
         if isinstance(e, ClickException):
-            e.show()
+            # one line, like every other error: "cdr: error: ... (cdr annotate --help)"
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            msg = " ".join(e.format_message().split())
+            sys.stderr.write(f"cdr: error: {msg}{hint}\n")
             sys.exit(e.exit_code)
         raise

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from .options import (
+    CalibrationOpt,
     GpuOpt,
+    KeepTopOpt,
+    MinConfidenceOpt,
     ModelsOpt,
     NBatchOpt,
     NCtxOpt,
@@ -22,6 +25,7 @@ from .options import (
     RayOpt,
     RayPartitionOpt,
     RouterOpt,
+    RuleOpt,
     ThreadsOpt,
 )
 
@@ -60,6 +64,9 @@ class ScoringSpec:
     profile: Any
     router: str | None
     pull: bool
+    token_logprobs: bool = False
+    rule: str | None = None
+    calibration: Any = None  # the resolved Calibration (None: none fits the pair)
 
     def __call__(self) -> BuiltTask:
         from ..annotate import AnnotateTask, make_router
@@ -69,7 +76,8 @@ class ScoringSpec:
 
         lp = LoadedPair(self.registry, self.pair, self.settings, pull=self.pull, say=say)
         try:
-            task = AnnotateTask(lp, self.profile, make_router(self.router, self.profile, lp))
+            task = AnnotateTask(lp, self.profile, make_router(self.router, self.profile, lp), token_logprobs=self.token_logprobs,
+                                rule=self.rule, calibration=self.calibration)
             return BuiltTask(task, {**lp.metadata(), **task.metadata()}, {**lp.numerics(), **task.numerics()}, lp.close)
         except BaseException:
             lp.close()
@@ -78,34 +86,43 @@ class ScoringSpec:
 
 def run_scoring(command: str, input: str, output: str, pair: str | None, models: Path | None, profile: str, router: str | None,
                 resume: bool, overwrite: bool, force: bool, rejects: str | None, limit: int | None, quiet: bool, plain: bool,
-                overrides: dict[str, Any], no_pull: bool, select: list[int] | None = None, ray: RayOptions | None = None) -> RunSummary:
-    """The shared body of annotate and eval: pair + profile + router through the pipeline (on Ray with ``ray``)."""
-    from ..errors import CdrError
+                overrides: dict[str, Any], no_pull: bool, select: list[int] | None = None, ray: RayOptions | None = None,
+                *, token_logprobs: bool = False, also_writes: tuple[tuple[str, str], ...] = (), rule: str | None = None,
+                calibration: Path | None = None, min_confidence: float | None = None, keep_top: float | None = None) -> RunSummary:
+    """The shared body of annotate and eval: pair + profile + router through the pipeline (on Ray with ``ray``).
+
+    Everything that needs no model (files, flags, the resume checks that read
+    only the sidecar and the input) is checked before the pair is loaded.
+    """
     from ..models import load_registry
-    from ..pipeline import RunConfig, run
+    from ..pipeline import RunConfig, preflight, run
     from ..profiles import load_profile
     from ..records import parse_line
     from ..ui import RunDisplay
     from .options import engine_settings
 
-    if input != "-" and not Path(input).exists():
-        raise CdrError(f"input not found: {input}")
+    if limit is not None and limit < 0:
+        from ..errors import CdrError
+
+        raise CdrError("--limit must be 0 or more")
+    cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
+                    meta={"command": command, "input": input}, limit=limit, select=select, also_writes=also_writes)
+    preflight(cfg)
+    from ..calibration import labelling
+
     prof = load_profile(profile)
     reg = load_registry(models)
-    spec = ScoringSpec(reg, pair, engine_settings(reg, overrides), prof, router, not no_pull)
+    cal = labelling(reg, pair, rule, calibration, min_confidence, keep_top, cfg)
+    spec = ScoringSpec(reg, pair, engine_settings(reg, overrides), prof, router, not no_pull, token_logprobs, rule, cal)
     display = RunDisplay(f"{command} [{reg.pair(pair).name}/{prof.name}]", quiet=quiet, plain=True if plain else None)
     if ray is not None:
         from ..distributed import run_on_ray
 
-        cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
-                        meta={"command": command, "input": input}, limit=limit, select=select)
         return run_on_ray(cfg, parse_line, spec, ray.for_settings(spec.settings), display)
     built = spec()
     try:
-        cfg = RunConfig(
-            input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
-            meta={"command": command, "input": input, **built.meta}, numerics=built.numerics, limit=limit, select=select,
-        )
+        cfg.meta.update(built.meta)
+        cfg.numerics.update(built.numerics)
         return run(cfg, parse_line, built.task, display)
     finally:
         built.close()
@@ -115,6 +132,10 @@ def annotate(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Output JSONL ('-' for stdout). Sidecars: OUT.meta.json, OUT.rejects.jsonl.")],
     pair: PairOpt = None,
+    rule: RuleOpt = None,
+    calibration: CalibrationOpt = None,
+    min_confidence: MinConfidenceOpt = None,
+    keep_top: KeepTopOpt = None,
     models: ModelsOpt = None,
     profile: ProfileOpt = "none",
     router: RouterOpt = None,
@@ -151,7 +172,8 @@ def annotate(
     summary = run_scoring(
         "annotate", input, output, pair, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
         engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, parallel_responses), no_pull,
-        ray=ray_options(ray, ray_actors, ray_partition_size),
+        ray=ray_options(ray, ray_actors, ray_partition_size), rule=rule, calibration=calibration,
+        min_confidence=min_confidence, keep_top=keep_top,
     )
     if summary.interrupted:
         raise typer.Exit(130)

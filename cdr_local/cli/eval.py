@@ -20,6 +20,7 @@ from .annotate import (
     run_scoring,
 )
 from .options import (
+    CalibrationOpt,
     GpuOpt,
     ModelsOpt,
     NBatchOpt,
@@ -32,6 +33,7 @@ from .options import (
     RayOpt,
     RayPartitionOpt,
     RouterOpt,
+    RuleOpt,
     ThreadsOpt,
 )
 
@@ -40,6 +42,8 @@ def eval_(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Scored pairs (JSONL, as annotate writes). Report: OUT.report.json (+ OUT.report.png with the plot extra).")],
     pair: PairOpt = None,
+    rule: RuleOpt = None,
+    calibration: CalibrationOpt = None,
     models: ModelsOpt = None,
     profile: ProfileOpt = "none",
     router: RouterOpt = None,
@@ -53,7 +57,10 @@ def eval_(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates for the 95% intervals.")] = 1000,
     per_section: Annotated[int | None, typer.Option("--per-section", help="Score a stratified random sample of this many pairs per section (seeded).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of --per-section sampling.")] = 0,
-    calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit the temperature tau of P = sigmoid(margin / tau) on these pairs (for winrate --tau).")] = False,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit the confidence model (and each rule's tau for win rates) on these pairs: OUT.calibration.json, for --calibration.")] = False,
+    rules: Annotated[str | None, typer.Option("--rules", help="More rules to report, ';'-separated, e.g. 'cdr-beta:beta=0.75;cdr-beta:beta=0.9'.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object instead of tables.")] = False,
+    token_logprobs: Annotated[bool, typer.Option("--token-logprobs", help="Also write each side's per-token log-probs (for rules beyond the sums; bigger output).")] = False,
     report_only: Annotated[bool, typer.Option("--report-only", help="Do not score: report on an existing output (with --limit K: on its first K pairs, into OUT.firstK.report.json).")] = False,
     threads: ThreadsOpt = None,
     n_ctx: NCtxOpt = None,
@@ -69,12 +76,16 @@ def eval_(
 
     A pair is right only if chosen scores strictly higher (ties are wrong);
     a section's accuracy weights its subsets by size; overall is the mean of
-    the sections.  The same table shows the baselines on the same pairs:
-    longer response wins, strong / weak log-likelihood alone (sum and mean),
-    and the density ratio with sum and with mean.  Scoring is annotate's
-    pipeline: streaming, --resume, rejects.
+    the sections.  Every scoring rule (cdr rules --help... see `cdr eval
+    --help` for --rule) is reported from the one scoring pass: the density
+    ratio (sum, mean, offset, length-controlled, beta), the strong and weak
+    model alone, and the longer/shorter baselines.  For each: accuracy when
+    the chosen response is the longer one and when it is the shorter one (by
+    the strong model's scored tokens), their mean (length-balanced accuracy),
+    and selective accuracy (the most confident 10/20/30/50/100% of pairs).
+    --calibrate fits the confidence model on these pairs.  Scoring is
+    annotate's pipeline: streaming, --resume, rejects.
     """
-    import numpy as np
     import orjson
     from rich.console import Console
 
@@ -86,80 +97,112 @@ def eval_(
         report,
         report_table,
         sample_lines,
+        section_table,
         subset_table,
-        with_length_control,
     )
-    from ..lc import fit_tau
+    from ..rules import parse_rule
     from .options import engine_overrides, ray_options
 
     if output == "-":
         raise CdrError("eval needs an output file (its report is written next to it)")
+    if bootstrap < 1:
+        raise CdrError("--bootstrap must be at least 1")
+    if per_section is not None and per_section < 1:
+        raise CdrError("--per-section must be at least 1")
+    extra_rules = [x.strip() for x in (rules or "").split(";") if x.strip()]
+    for x in [*extra_rules, *([rule] if rule else [])]:
+        parse_rule(x, {"strong_offset": 0.0, "weak_offset": 0.0, "length_slope": 0.0})  # names and syntax, before any work
+    first = limit if report_only else None
+    stem = Path(output).with_suffix("").as_posix() + (f".first{first}" if first is not None else "")
+    rep_path = stem + ".report.json"
+    reports = [("report", rep_path), ("plot", stem + ".report.png"), ("rewardbench results", stem + ".rewardbench.json")]
+    if calibrate:
+        reports.append(("calibration", stem + ".calibration.json"))
     if not report_only:
         select = None
         if per_section is not None:
-            if input == "-" or not Path(input).exists():
-                raise CdrError("--per-section needs an input file")
+            from ..files import is_regular
+
+            if input == "-" or not is_regular(input):
+                raise CdrError("--per-section needs the input as a regular file (it is read twice)")
             select = sample_lines(input, per_section, seed)
         summary = run_scoring(
             "eval", input, output, pair, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
             engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull, select,
-            ray_options(ray, ray_actors, ray_partition_size),
+            ray_options(ray, ray_actors, ray_partition_size), token_logprobs=token_logprobs, also_writes=tuple(reports),
+            rule=rule, calibration=calibration,
         )
         if summary.interrupted:
             raise typer.Exit(130)
     if not Path(output).exists():
         raise CdrError(f"no output to report on: {output}")
-    pairs = list(pairs_from_output(output))
-    first = limit if report_only else None
-    if first is not None:  # the first K pairs: with --per-section, a balanced sample, comparable across runs
-        if first < 1:
-            raise CdrError("--limit must be at least 1")
-        if len(pairs) < first:
-            raise CdrError(f"{output} holds {len(pairs)} labelled pairs, fewer than --limit {first}")
-        pairs = pairs[:first]
-    length: dict[str, float] = {}
+    from ..files import check_distinct
+
+    check_distinct([("input", None if report_only else input), ("output", output), *reports])
+    meta_path = Path(output + ".meta.json")
+    meta = orjson.loads(meta_path.read_bytes()) if meta_path.exists() else {}
+    main = rule or (meta.get("rule") or {}).get("label") or MAIN
     try:
-        if len(pairs) >= 3:
-            pairs, length = with_length_control(pairs)
-        rep = report(pairs, n_boot=bootstrap)
+        if first is not None and first < 1:
+            raise CdrError("--limit must be at least 1")
+        pairs = pairs_from_output(output, limit=first, extra=[*extra_rules, *([main] if ":" in main else [])])
+        if first is not None and len(pairs) < first:
+            raise CdrError(f"{output} holds {len(pairs)} labelled pairs, fewer than --limit {first}")
+        if main not in (pairs[0].values if pairs else {}):
+            main = MAIN
+        rep = report(pairs, n_boot=bootstrap, seed=0)
     except ValueError as e:
         raise CdrError(str(e)) from None
-    if length:
-        length["longer_wins_rate"] = float(np.mean([p.values["longer wins"][0] > p.values["longer wins"][1] for p in pairs]))
-        rep["length_control"] = length
-    if calibrate:
-        try:
-            rep["tau"] = fit_tau(np.array([p.values[MAIN][0] - p.values[MAIN][1] for p in pairs]))
-        except ValueError as e:
-            rep["tau"] = None
-            rep["tau_error"] = str(e)
-    meta_path = Path(output + ".meta.json")
-    if meta_path.exists():
-        meta = orjson.loads(meta_path.read_bytes())
-        rep["pair"] = meta.get("pair")
-        rep["profile"] = (meta.get("profile") or {}).get("name")
-        rep["router"] = meta.get("router")
+    from ..evaluate import estimated_params
+
+    params = estimated_params(pairs)
+    rep["main"] = main
+    rep["rule_params"] = {"estimated_from": "these pairs, without their labels", **params}
+    rep["pair"] = meta.get("pair")
+    rep["models"] = {r: {"model": m.get("model"), "sha256": m.get("sha256")} for r, m in (meta.get("models") or {}).items()}
+    rep["profile"] = (meta.get("profile") or {}).get("name")
+    rep["router"] = meta.get("router")
     if first is not None:
         rep["first"] = first
-    rep_path = Path(output).with_suffix("").as_posix() + (f".first{first}" if first is not None else "") + ".report.json"
-    write_bytes_atomic(Path(rep_path), orjson.dumps(rep, option=orjson.OPT_INDENT_2))
+    if calibrate:
+        from .. import calibration as C
+
+        cal = C.fit(pairs, params, pair=str(meta.get("pair")), models=meta.get("calibration_models") or {},
+                    rule=main, fitted_on={"output": output, "pairs": len(pairs), "sections": rep["sections"],
+                                          "input": meta.get("input"), "input_sha256": meta.get("input_sha256"),
+                                          "per_section": per_section, "seed": seed})
+        write_bytes_atomic(Path(stem + ".calibration.json"), orjson.dumps(cal.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        rep["calibration"] = {"path": stem + ".calibration.json", "rule": main, **cal.quality.get(main, {}),
+                              "confidence": cal.confidence.get(main), "tau": cal.tau.get(main)}
+    write_bytes_atomic(Path(rep_path), orjson.dumps(rep, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    from ..interop import rewardbench_results
+
+    write_bytes_atomic(Path(stem + ".rewardbench.json"), orjson.dumps(rewardbench_results(rep, main), option=orjson.OPT_INDENT_2))
     console = Console(highlight=False)
     if not console.is_terminal:
-        console = Console(highlight=False, width=max(console.width, 150))
-    console.print(report_table(rep))
-    if not quiet:
-        console.print(subset_table(rep))
-    if length:
+        console = Console(highlight=False, width=max(console.width, 160))
+    if json_out:
+        typer.echo(orjson.dumps(rep).decode())
+    else:
+        console.print(report_table(rep, main))
+        console.print(section_table(rep, main))
+        if not quiet:
+            console.print(subset_table(rep, main))
+        lm = rep["length"]
         console.print(
-            f"length: the annotator's length coefficient phi = {length['phi']:+.3f} "
-            f"(negative = prefers the longer response); the longer response is chosen in {100 * length['longer_wins_rate']:.1f}% of these pairs"
+            f"length: chosen is the longer response (strong tokens) in {100 * lm['chosen_longer_share']['strong_tokens']:.1f}% "
+            f"of these pairs ({100 * lm['chosen_longer_share']['chars']:.1f}% by characters); "
+            f"strata: {lm['pairs']['longer']} longer, {lm['pairs']['shorter']} shorter, {lm['pairs']['same']} same length"
         )
-    if rep.get("tau"):
-        console.print(f"calibrated tau = {rep['tau']:.3f}  (use: cdr winrate --tau {rep['tau']:.3f})")
-    elif "tau_error" in rep:
-        console.print(f"no temperature fitted: {rep['tau_error']}")
-    png = rep_path[: -len(".json")] + ".png"
-    why = plot(rep_path, pairs, png)
+        if calibrate:
+            c = rep["calibration"]
+            console.print(
+                f"calibration: P(right) = sigmoid({c['confidence']['a']:+.3f} + {c['confidence']['b']:.3f} |z|) for {main}; "
+                f"cross-fitted ECE {c['cross_fitted']['ece']:.3f}; written to {stem}.calibration.json", soft_wrap=True)
+    png = stem + ".report.png"
+    why = plot(rep_path, pairs, png, main)
+    if json_out:
+        return
     if why is None:
         note = f"  plot: {png}"
     elif why == "missing":

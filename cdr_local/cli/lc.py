@@ -11,34 +11,44 @@ from ..atomic import write_bytes_atomic
 
 
 def lc(
-    input: Annotated[Path, typer.Argument(help="An annotate (or eval) output JSONL.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the records with lc_margin / lc_prob / lc_label added.")],
-    tau: Annotated[float, typer.Option("--tau", help="Temperature of P = sigmoid(margin / tau).")] = 1.0,
+    input: Annotated[Path, typer.Argument(help="An annotate (or eval) output JSONL with two responses per record.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the records with lc_margin / lc_label (and lc_prob) added.")],
+    tau: Annotated[float | None, typer.Option("--tau", help="Temperature of P = sigmoid(margin / tau) for prob / lc_prob (default: none written).")] = None,
 ) -> None:
     """What would each preference be at equal length?
 
-    Fits AlpacaEval-LC's GLM to the run itself -- P(first response preferred) =
-    sigmoid(theta + phi * tanh(dlen / std(dlen))), dlen = chars(second) - chars(first),
-    soft labels sigmoid(margin / tau) -- and removes the length term from each
-    margin: lc_margin = margin - tau * phi * tanh(dlen / std).  Writes prob, lc_margin,
-    lc_prob, lc_label per two-response record; the fit goes to OUT.lc.json.
+    The density ratio is a sum over tokens, so its length bias is linear in the
+    token difference.  Fits margin(first - second) = slope * (tokens(first) -
+    tokens(second)) over the file itself by least squares (no labels needed; the
+    margin is the rule the output was labelled with, tokens are the strong
+    model's), and removes it from each margin: lc_margin = margin - slope *
+    dtokens, lc_label its winner.  With --tau also prob and lc_prob.  The fit
+    goes to OUT.lc.json.
     """
     import orjson
 
     from ..errors import CdrError
+    from ..files import check_distinct, check_writable_target, is_regular
     from ..lc import length_control_file
+    from ..locks import exclusive
 
-    if tau <= 0:
+    if tau is not None and tau <= 0:
         raise CdrError("--tau must be positive")
     if not input.exists():
         raise CdrError(f"input not found: {input}")
-    if input.resolve() == output.resolve():
-        raise CdrError("write to a new file (-o), not over the input")
-    try:
-        fit, n = length_control_file(str(input), str(output), tau=tau)
-    except ValueError as e:
-        raise CdrError(str(e)) from None
-    meta = {"theta": fit.theta, "phi": fit.phi, "std_dlen": fit.std_dlen, "tau": tau, "records": n,
-            "model": "P(first preferred) = sigmoid(theta + phi * tanh((chars(second) - chars(first)) / std))"}
-    write_bytes_atomic(Path(str(output) + ".lc.json"), orjson.dumps(meta, option=orjson.OPT_INDENT_2))
-    typer.echo(f"length control: phi = {fit.phi:+.4f} (theta {fit.theta:+.4f}, std(dlen) {fit.std_dlen:.0f} chars), {n} records -> {output}")
+    if not is_regular(input):
+        raise CdrError(f"cdr lc reads its input twice (fit, then rewrite): {input} must be a regular file")
+    fit_path = Path(str(output) + ".lc.json")
+    check_distinct([("input", input), ("output", output), ("fit report", fit_path)])
+    for role, p in (("output", output), ("fit report", fit_path)):
+        check_writable_target(role, p)
+    with exclusive(output, "lc"):
+        try:
+            fit, n, changed = length_control_file(str(input), str(output), tau=tau)
+        except ValueError as e:
+            raise CdrError(str(e)) from None
+        meta = {"slope_nats_per_token": fit.slope, "r2_length": fit.r2, "tau": tau, "records": n, "labels_changed": changed,
+                "model": "margin(first - second) = slope * (strong tokens(first) - strong tokens(second)) + rest; lc_margin = rest"}
+        write_bytes_atomic(fit_path, orjson.dumps(meta, option=orjson.OPT_INDENT_2))
+    typer.echo(f"length control: slope {fit.slope:+.4f} nats per token (length explains {100 * fit.r2:.0f}% of the margins' spread); "
+               f"{changed} of {n} labels changed -> {output}")

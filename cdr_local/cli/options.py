@@ -47,7 +47,18 @@ def engine_settings(reg: Any, overrides: dict[str, Any]) -> Any:
     try:
         return settings_from(reg, **overrides)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        msg = str(e)
+        name = msg.split(" ", 1)[0]
+        flag = _FLAGS.get(name)
+        if flag and overrides.get(name) is not None:  # the value came from the command line
+            msg = f"{flag} {msg.split(' ', 1)[1]}"
+        elif flag:
+            msg = f"{reg.path}: engine.{msg}"
+        raise ConfigError(msg) from None
+
+
+_FLAGS = {"n_ctx": "--n-ctx", "n_batch": "--n-batch", "n_ubatch": "--n-ubatch", "n_threads": "--threads",
+          "n_gpu_layers": "--n-gpu-layers"}
 
 
 def load_pair(models: Path | None, pair: str | None, overrides: dict[str, Any], no_pull: bool) -> Any:
@@ -95,3 +106,26 @@ def ray_options(address: str | None, actors: int | None, partition_size: int) ->
     from ..distributed import RayOptions
 
     return RayOptions(address=address or None, actors=actors, partition_size=partition_size)
+
+RuleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rule",
+        help="Scoring rule that labels (NAME or NAME:key=value): cdr-sum, cdr-mean, cdr-offset, cdr-lc, cdr-beta, "
+        "cdr-beta-mean, strong-sum, strong-mean, weak-sum, weak-mean, longer, shorter. Default: the pair's calibration's rule, else cdr-sum.",
+    ),
+]
+CalibrationOpt = Annotated[
+    Path | None,
+    typer.Option("--calibration", help="Calibration JSON (from cdr eval --calibrate). Default: the one shipped for the pair, if any."),
+]
+MinConfidenceOpt = Annotated[
+    float | None,
+    typer.Option("--min-confidence", metavar="P", help="Keep only records whose confidence (P(label right)) is at least P; "
+                 "the others go to OUT.abstained.jsonl (whole lines), counted in the summary."),
+]
+KeepTopOpt = Annotated[
+    float | None,
+    typer.Option("--keep-top", metavar="Q", help="Keep the most confident share Q of records (0 < Q <= 1): the threshold is the "
+                 "calibration sample's, fixed before the run; the others go to OUT.abstained.jsonl."),
+]

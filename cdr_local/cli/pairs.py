@@ -19,7 +19,10 @@ from .annotate import (
     ResumeOpt,
 )
 from .options import (
+    CalibrationOpt,
     GpuOpt,
+    KeepTopOpt,
+    MinConfidenceOpt,
     ModelsOpt,
     NBatchOpt,
     NCtxOpt,
@@ -31,6 +34,7 @@ from .options import (
     RayOpt,
     RayPartitionOpt,
     RouterOpt,
+    RuleOpt,
     ThreadsOpt,
 )
 
@@ -44,6 +48,10 @@ def pairs(
     embed_model: Annotated[str | None, typer.Option("--embed-model", help="Registry model for embeddings (default: the pair's strong model).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of best-random (combined with each record id).")] = 0,
     pair: PairOpt = None,
+    rule: RuleOpt = None,
+    calibration: CalibrationOpt = None,
+    min_confidence: MinConfidenceOpt = None,
+    keep_top: KeepTopOpt = None,
     models: ModelsOpt = None,
     profile: ProfileOpt = "none",
     router: RouterOpt = None,
@@ -73,9 +81,10 @@ def pairs(
     TRL's DPO / reward trainers (margin is TRL's margin column).
     """
     from ..errors import CdrError
+    from ..files import is_regular
     from ..models import load_registry
     from ..pairs import STRATEGIES
-    from ..pipeline import RunConfig, run
+    from ..pipeline import RunConfig, preflight, run
     from ..profiles import load_profile
     from ..records import parse_line
     from ..ui import RunDisplay
@@ -83,28 +92,32 @@ def pairs(
 
     if strategy not in STRATEGIES:
         raise CdrError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if input != "-" and not Path(input).exists():
-        raise CdrError(f"input not found: {input}")
     if keep_dissimilar is not None and not 0 < keep_dissimilar <= 100:
         raise CdrError("--keep-dissimilar is a percentage in (0, 100]")
-    if keep_dissimilar is not None and input == "-":
-        raise CdrError("--keep-dissimilar reads the input twice: give a file, not stdin")
+    if limit is not None and limit < 0:
+        raise CdrError("--limit must be 0 or more")
+    cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
+                    meta={"command": "pairs", "input": input}, limit=limit)
+    preflight(cfg)
+    if keep_dissimilar is not None and (input == "-" or not is_regular(input)):
+        raise CdrError("--keep-dissimilar reads the input twice (a first pass for its threshold): give it a file, not stdin or a pipe")
     ray_opts = ray_options(ray, ray_actors, ray_partition_size)
     if ray_opts is not None and keep_dissimilar is not None:
         raise CdrError("--keep-dissimilar does not run on --ray (its threshold needs a first pass over the whole input)")
     overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
     reg = load_registry(models)
+    from ..calibration import labelling
+
+    cal = labelling(reg, pair, rule, calibration, min_confidence, keep_top, cfg)
     # score on the fly only if some record lacks rewards: decided per record, but the
     # pair is loaded up front unless the input is an annotate output (has "scores")
     score = keep_dissimilar is None and not _looks_scored(input)
     mode = "keep-dissimilar" if keep_dissimilar is not None else strategy
     spec = PairsSpec(
         reg, pair, engine_settings(reg, overrides), load_profile(profile) if score else None, router, not no_pull,
-        strategy, embed_model, min_margin, seed, keep_dissimilar, input,
+        strategy, embed_model, min_margin, seed, keep_dissimilar, input, rule, cal,
     )
     display = RunDisplay(f"pairs [{mode}]", quiet=quiet, plain=True if plain else None)
-    cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
-                    meta={"command": "pairs", "input": input}, limit=limit)
     if ray_opts is not None:
         from ..distributed import run_on_ray
 
@@ -140,6 +153,8 @@ class PairsSpec:
     seed: int
     keep_dissimilar: float | None
     input: str
+    rule: str | None = None
+    calibration: Any = None  # the resolved Calibration, or None
 
     def __call__(self) -> Any:
         from ..annotate import AnnotateTask, make_router
@@ -178,7 +193,8 @@ class PairsSpec:
                 numerics.update(emb)
             scorer = None
             if lp is not None:
-                scorer = AnnotateTask(lp, self.profile, make_router(self.router, self.profile, lp))
+                scorer = AnnotateTask(lp, self.profile, make_router(self.router, self.profile, lp), rule=self.rule,
+                                      calibration=self.calibration)
                 meta.update({**lp.metadata(), **scorer.metadata()})
                 numerics.update({**lp.numerics(), **scorer.numerics()})
             task: Any
@@ -188,7 +204,18 @@ class PairsSpec:
                 meta["keep_dissimilar_percent"] = self.keep_dissimilar
                 numerics["keep_dissimilar_percent"] = self.keep_dissimilar
             else:
-                task = PairsTask(self.strategy, scorer=scorer, embedder=embedder, min_margin=self.min_margin, seed=self.seed)
+                from ..calibration import Confidence
+                from ..rules import DEFAULT_RULE, parse_rule
+
+                cal = self.calibration
+                spec = parse_rule(self.rule or (cal.rule if cal else DEFAULT_RULE), cal.params if cal else None)
+                conf = cal.confidence_for(spec.label()) if cal else Confidence()
+                task = PairsTask(self.strategy, scorer=scorer, embedder=embedder, min_margin=self.min_margin, seed=self.seed,
+                                 rule=spec, confidence=conf)
+                if scorer is None:
+                    meta["rule"] = {"label": spec.label(), **spec.to_json()}
+                    numerics["rule"] = spec.label()
+                    numerics["rule.params"] = spec.to_json()["params"]
         except BaseException:
             for c in reversed(closers):
                 c.close()
@@ -202,8 +229,11 @@ class PairsSpec:
 
 
 def _looks_scored(input: str) -> bool:
-    """True if the first record carries rewards (an annotate output)."""
-    if input == "-":
+    """True if the first record carries rewards (an annotate output).  Stdin and
+    pipes are never peeked at (that would consume a line): the pair is loaded."""
+    from ..files import is_regular
+
+    if input == "-" or not is_regular(input):
         return False
     import orjson
 

@@ -46,6 +46,8 @@ def synth(
     reports how often the density ratio agrees with the intended labels,
     overall and per aspect (also in OUT.synth-report.json).
     """
+    import dataclasses
+
     import orjson
     from rich.console import Console
     from rich.table import Table
@@ -54,7 +56,7 @@ def synth(
     from ..errors import CdrError
     from ..models import load_registry, resolve
     from ..pair import LoadedPair, model_sha256
-    from ..pipeline import RunConfig, run
+    from ..pipeline import RunConfig, preflight, run
     from ..records import parse_prompt_line
     from ..scoring import ChatSide
     from ..synth import SynthTask, agreement_report, load_templates
@@ -67,8 +69,17 @@ def synth(
         raise CdrError("--keep agree needs --verify PAIR")
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise CdrError("need --max-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
-    if input != "-" and not Path(input).exists():
-        raise CdrError(f"input not found: {input}")
+    if limit is not None and limit < 0:
+        raise CdrError("--limit must be 0 or more")
+    report_path = output + ".synth-report.json" if verify is not None and output != "-" else None
+    pre = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
+                    limit=limit, also_writes=(("report", report_path),) if report_path else ())
+    if per_section is not None:
+        from ..files import is_regular
+
+        if input == "-" or not is_regular(input):
+            raise CdrError("--per-section needs the input as a regular file (it is read twice)")
+    preflight(pre)
     t = load_templates(templates)
     reg = load_registry(models)
     overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
@@ -94,13 +105,10 @@ def synth(
         if verifier is not None:
             meta.update({"verify": verifier.metadata()})
             numerics.update({f"verify.{k}": v for k, v in verifier.numerics().items()})
-        cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
-                        meta=meta, numerics=numerics, limit=limit)
+        cfg = dataclasses.replace(pre, meta=meta, numerics=numerics)
         if per_section is not None:
             from ..evaluate import sample_lines
 
-            if input == "-":
-                raise CdrError("--per-section needs an input file")
             cfg.select = sample_lines(input, per_section, seed)
         display = RunDisplay(f"synth [{name}]", quiet=quiet, plain=True if plain else None)
         summary = run(cfg, parse_prompt_line, task, display)
@@ -110,7 +118,8 @@ def synth(
         gen.close()
     if verify is not None and output != "-":
         rep = agreement_report(output, summary.rejects_path)
-        write_bytes_atomic(Path(output + ".synth-report.json"), orjson.dumps(rep, option=orjson.OPT_INDENT_2))
+        assert report_path is not None
+        write_bytes_atomic(Path(report_path), orjson.dumps(rep, option=orjson.OPT_INDENT_2))
         if not quiet:
             tab = Table(title=f"agreement of {verify} with the intended labels", title_justify="left")
             for c in ("group", "agree", "n", "rate"):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from ..calibration import Calibration
 
 from ..atomic import write_bytes_atomic
 from .annotate import ForceOpt, PlainOpt, QuietOpt, run_scoring
 from .options import (
+    CalibrationOpt,
     GpuOpt,
     ModelsOpt,
     NBatchOpt,
@@ -19,6 +23,7 @@ from .options import (
     PairOpt,
     ProfileOpt,
     RouterOpt,
+    RuleOpt,
     ThreadsOpt,
 )
 
@@ -33,7 +38,10 @@ def winrate(
     router: RouterOpt = None,
     instructions: Annotated[int | None, typer.Option("--instructions", help="Score a seeded random subset of this many instructions (default: all).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the instruction subset.")] = 0,
-    tau: Annotated[float, typer.Option("--tau", help="Temperature: P(model wins) = sigmoid(margin / tau). Fit one with `cdr eval --calibrate`.")] = 1.0,
+    tau: Annotated[float | None, typer.Option("--tau", help="Temperature: P(model wins) = sigmoid(margin / tau). Default: the pair's calibration (cdr eval --calibrate), else the margins' spread.")] = None,
+    rule: RuleOpt = None,
+    calibration: CalibrationOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Also print the report as one JSON object on stdout (tables go to stderr).")] = False,
     force: ForceOpt = False,
     report_only: Annotated[bool, typer.Option("--report-only", help="Do not score: report on what is already scored (a partial run's models are reported with their n).")] = False,
     reference: Annotated[Path | None, typer.Option("--reference", help="JSON {model name: published LC win rate} for a Spearman check.")] = None,
@@ -52,20 +60,49 @@ def winrate(
     The annotator's preference is sigmoid((reward_model - reward_baseline) / tau).
     Reruns resume where they stopped.
     """
+    from ..errors import CdrError
+    from ..files import kind
+    from ..locks import exclusive
+    from .options import engine_overrides
+
+    if tau is not None and tau <= 0:
+        raise CdrError("--tau must be positive")
+    if kind(output) not in ("missing", "directory"):
+        raise CdrError(f"--output {output} is a {kind(output)}: winrate writes a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    with exclusive(output / "winrate.json", "winrate"):  # one winrate per folder at a time
+        _winrate(model, baseline, output, pair, models, profile, router, instructions, seed, tau, force, report_only,
+                 reference, quiet, plain, engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull,
+                 rule, calibration, json_out)
+
+
+def _winrate(model: list[Path], baseline: Path, output: Path, pair: str | None, models: Path | None, profile: str,
+             router: str | None, instructions: int | None, seed: int, tau: float | None, force: bool, report_only: bool,
+             reference: Path | None, quiet: bool, plain: bool, overrides: dict[str, object], no_pull: bool,
+             rule: str | None, calibration: Path | None, json_out: bool) -> None:
     import orjson
     from rich.console import Console
     from rich.table import Table
 
     from ..errors import CdrError
-    from ..winrate import load_outputs, model_result, select_instructions, spearman, write_records
-    from .options import engine_overrides
+    from ..pipeline import InputChanged
+    from ..winrate import (
+        annotation_rows,
+        default_tau,
+        difficulties,
+        leaderboard_csv,
+        load_outputs,
+        margins_of,
+        model_result,
+        paired_responses,
+        select_instructions,
+        spearman,
+        write_records,
+    )
 
-    if tau <= 0:
-        raise CdrError("--tau must be positive")
-    output.mkdir(parents=True, exist_ok=True)
+
     base = load_outputs(baseline)
     chosen = select_instructions(base, instructions, seed)
-    overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
     runs = [("baseline", baseline, base)] + [(m.stem, m, load_outputs(m)) for m in model]
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
@@ -79,32 +116,63 @@ def winrate(
             continue
         rec = output / f"{name}.input.jsonl"
         write_records(rec, chosen, outs)
-        summary = run_scoring(
-            "winrate", str(rec), str(out), pair, models, profile, router, out.exists(), False, force, None, None,
-            quiet, plain, overrides, no_pull,
-        )
+        try:
+            summary = run_scoring(
+                "winrate", str(rec), str(out), pair, models, profile, router, out.exists(), False, force, None, None,
+                quiet, plain, overrides, no_pull, rule=rule, calibration=calibration,
+            )
+        except InputChanged:  # new outputs (or another instruction subset) since they were scored
+            Console(stderr=True, highlight=False).print(f"{name}: its outputs changed since they were scored: scoring them again")
+            summary = run_scoring(
+                "winrate", str(rec), str(out), pair, models, profile, router, False, True, force, None, None,
+                quiet, plain, overrides, no_pull, rule=rule, calibration=calibration,
+            )
         if summary.interrupted:
             raise typer.Exit(130)
         scored[name] = out
     if "baseline" not in scored:
         raise CdrError(f"no baseline scores in {output}")
-    results = [
-        model_result(name, scored[name], scored["baseline"], chosen, outs, base, tau)
-        for name, _src, outs in runs[1:]
-        if name in scored
-    ]
+    from ..rules import DEFAULT_RULE, estimate, parse_rule
+
+    outputs = {name: outs for name, _src, outs in runs[1:] if name in scored}
+    responses = {name: paired_responses(scored[name], scored["baseline"], chosen, outs) for name, outs in outputs.items()}
+    cal = _calibration(scored["baseline"], calibration)
+    # the rule: --rule, else the one the scores were labelled with; its label-free parameters
+    # from the calibration, else from these (model, baseline) pairs
+    rule_text = rule or _rule_label(scored["baseline"]) or (cal.rule if cal else DEFAULT_RULE)
+    pairs_all = [pr for rs in responses.values() for pr in rs.values()]
+    params = cal.params if cal is not None else (estimate(pairs_all) if pairs_all else {})
+    spec = parse_rule(rule_text, params)
+    rule_label = spec.label()
+    all_margins = {name: margins_of(rs, spec) for name, rs in responses.items()}
+    tau_from = "--tau"
+    if tau is None:
+        if cal is not None and cal.tau.get(rule_label):
+            tau, tau_from = float(cal.tau[rule_label] or 1.0), f"calibration {cal.path}"
+        else:
+            tau = default_tau([m for ms in all_margins.values() for m in ms.values()])
+            tau_from = "the margins' spread (no calibration for this pair and rule)"
+    diffs = difficulties(all_margins, tau)
+    results = [model_result(name, all_margins[name], chosen, outputs[name], base, tau, diffs[name] or None)
+               for name in outputs]
     results.sort(key=lambda r: -r.lc_win_rate)
     report: dict[str, object] = {
-        "baseline": str(baseline), "tau": tau, "instructions": len(chosen), "seed": seed,
+        "baseline": str(baseline), "tau": tau, "tau_from": tau_from, "rule": rule_label, "instructions": len(chosen), "seed": seed,
+        "glm": "P(model wins) = sigmoid(theta + phi * tanh(dlen / std) [+ psi * difficulty]); L1 by 5-fold CV; "
+               "difficulty = the other models' mean logit on the instruction (with 3+ models)",
         "models": [r.__dict__ for r in results],
     }
-    t = Table(title=f"win rate over {baseline.stem} ({len(chosen)} instructions, tau={tau:g})", title_justify="left")
-    for c in ("model", "n", "win rate", "LC win rate", "LC s.e.", "phi (length)", "avg len"):
+    t = Table(title=f"win rate over {baseline.stem} ({len(chosen)} instructions, rule {rule_label}, tau={tau:.3g} from {tau_from})", title_justify="left")
+    for c in ("model", "n", "win rate", "s.e.", "LC win rate", "LC s.e.", "phi (length)", "avg len"):
         t.add_column(c, justify="left" if c == "model" else "right")
     for r in results:
-        t.add_row(r.name, str(r.n), f"{r.win_rate:.2f}", f"{r.lc_win_rate:.2f}", f"{r.lc_standard_error:.2f}", f"{r.phi:+.3f}", f"{r.avg_len:.0f}")
-    console = Console(highlight=False)
+        t.add_row(r.name, str(r.n), f"{r.win_rate:.2f}", f"{r.standard_error:.2f}", f"{r.lc_win_rate:.2f}", f"{r.lc_standard_error:.2f}",
+                  f"{r.phi:+.3f}", f"{r.avg_len:.0f}")
+    console = Console(highlight=False, stderr=json_out)
     console.print(t)
+    for r in results:
+        for w in r.warnings:
+            console.print(f"warning: {r.name}: {w}", soft_wrap=True)
     if reference is not None:
         ref = orjson.loads(reference.read_bytes())
         common = [r for r in results if r.name in ref]
@@ -116,5 +184,44 @@ def winrate(
                 f"Spearman vs reference ({len(common)} models): raw {report['spearman_raw_vs_reference']:+.3f}, "
                 f"LC {report['spearman_lc_vs_reference']:+.3f}"
             )
-    write_bytes_atomic(output / "winrate.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    console.print(f"report: {output / 'winrate.json'}")
+    write_bytes_atomic(output / "winrate.json", orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    write_bytes_atomic(output / "leaderboard.csv", leaderboard_csv(results))
+    annotator = f"cdr-local:{_pair_name(scored['baseline'])}/{rule_label}"
+    rows = [a for name in outputs for a in annotation_rows(name, all_margins[name], outputs[name], base, tau, annotator)]
+    write_bytes_atomic(output / "annotations.json", orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    if json_out:
+        typer.echo(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY).decode())
+    console.print(f"report: {output / 'winrate.json'} (alpaca_eval formats: leaderboard.csv, annotations.json)")
+
+
+def _sidecar(scores: Path) -> dict[str, object]:
+    import orjson
+
+    p = Path(str(scores) + ".meta.json")
+    try:
+        d = orjson.loads(p.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _rule_label(scores: Path) -> str | None:
+    r = _sidecar(scores).get("rule")
+    return str(r.get("label")) if isinstance(r, dict) and r.get("label") else None
+
+
+def _pair_name(scores: Path) -> str:
+    return str(_sidecar(scores).get("pair") or "?")
+
+
+def _calibration(scores: Path, path: Path | None) -> Calibration | None:
+    """The calibration the scores were labelled with (their sidecar names it), or ``path``."""
+    from .. import calibration as C
+
+    if path is not None:
+        return C.load(path)
+    conf = _sidecar(scores).get("confidence")
+    p = conf.get("calibration") if isinstance(conf, dict) else None
+    if isinstance(p, str) and p.startswith("cdr_local/calibrations/"):
+        return C.shipped(_pair_name(scores))
+    return C.load(p) if isinstance(p, str) and Path(p).exists() else None

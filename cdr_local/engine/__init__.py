@@ -22,6 +22,24 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask and a cgroup CPU quota, where
+    the platform says; else ``os.cpu_count()``."""
+    n = os.cpu_count() or 1
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        pass
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Everything that changes numbers or speed; recorded in every output's metadata."""
@@ -35,14 +53,32 @@ class EngineSettings:
     parallel_responses: bool = False
     flash_attn: bool = False
 
+    #: the accepted range of each integer setting (one place: flags and models.toml's
+    #: [engine] table are checked against it).  Upper bounds are sanity limits:
+    #: llama.cpp allocates per thread and per context token without checking, and
+    #: a typo (--threads 99999, --n-ctx 99999999999) would otherwise crash or
+    #: exhaust memory instead of failing in one line.  n_ctx is also checked
+    #: against each model's trained context and the free memory when it loads.
+    RANGES = {
+        "n_ctx": (32, 1 << 20),
+        "n_batch": (16, 1 << 16),
+        "n_ubatch": (16, 1 << 16),
+        "n_threads": (0, 512),
+        "n_gpu_layers": (-1, 100_000),
+        "n_seq_max": (1, 256),
+    }
+
     def __post_init__(self) -> None:
-        if min(self.n_batch, self.n_ubatch) < 16:
-            raise ValueError("n_batch and n_ubatch must be at least 16")
-        if self.n_ctx < 32:
-            raise ValueError("n_ctx must be at least 32")
+        for name, (lo, hi) in self.RANGES.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}, got {v}" + (" (-1 = all layers)" if name == "n_gpu_layers" else ""))
 
     def threads(self) -> int:
-        return self.n_threads if self.n_threads > 0 else max(1, os.cpu_count() or 1)
+        """``n_threads``, or for 0 the CPUs this process may run on (affinity), at least 1."""
+        return self.n_threads if self.n_threads > 0 else available_cpus()
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)

@@ -243,6 +243,7 @@ class LlamaModel:
         self.n_ctx_train = int(ll.llama_model_n_ctx_train(model))
 
         self.n_seq_max = max(1, settings.n_seq_max if settings.parallel_responses else 1)
+        self._check_n_ctx(settings.n_ctx)
         cp = ll.llama_context_default_params()
         cp.n_ctx = settings.n_ctx
         cp.n_batch = settings.n_batch
@@ -303,6 +304,24 @@ class LlamaModel:
         self.eot_id = int(ll.llama_vocab_eot(self._vocab))
 
     # ------------------------------------------------------------------ info
+    def _check_n_ctx(self, n_ctx: int) -> None:
+        """Refuse a context the model was not trained for, or whose KV cache
+        (f16 keys and values, every layer) would not fit in the free memory:
+        llama.cpp would allocate it without a check and be killed."""
+        ll = self._ll
+        if self.n_ctx_train > 0 and n_ctx > self.n_ctx_train:
+            self.close()
+            raise ModelError(f"n_ctx {n_ctx} exceeds the trained context of model {self.name} ({self.n_ctx_train} tokens)")
+        n_head = max(1, int(ll.llama_model_n_head(self._model)))
+        kv = n_ctx * int(ll.llama_model_n_layer(self._model)) * 2 * int(ll.llama_model_n_head_kv(self._model)) * (
+            int(ll.llama_model_n_embd(self._model)) // n_head) * 2
+        free = _available_memory()
+        if free is not None and kv > free:
+            self.close()
+            raise ModelError(
+                f"n_ctx {n_ctx} needs a {kv / 2**30:.1f} GiB KV cache for {self.name!r}, more than the {free / 2**30:.1f} GiB of memory available"
+            )
+
     def chat_template(self) -> str | None:
         raw = self._ll.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8", "replace") if raw else None
@@ -697,3 +716,15 @@ def _logprobs_rows(rows: np.ndarray, targets: np.ndarray, pool: _RowPool | None 
     """log softmax(rows)[i, targets[i]] for each row, float64."""
     picked = rows[np.arange(rows.shape[0]), targets].astype(np.float64)
     return picked - _lse_rows(rows, pool)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
