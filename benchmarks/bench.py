@@ -246,6 +246,53 @@ class HF:
         return time.perf_counter() - t, sums
 
 
+# ------------------------------------------------------------ contenders in a child process
+# The naive and hf contenders load other code (llama_cpp.Llama, torch): each runs in a
+# child process of its own, so one that crashes (llama_cpp.Llama segfaults in the AMX
+# kernels of a -march=native build; torch aborts beside a CUDA build of llama.cpp) or
+# cannot run costs its row, not the benchmark.
+
+
+def run_child(kind: str, path: Path, reqs: list[ScoreRequest], threads: int, n_ctx: int, n_gpu_layers: int = 0,
+              device: str = "cpu", repeats: int = 1, python: str = sys.executable) -> dict[str, Any]:
+    """``{"seconds": [...], "sums": [...], "memory_mib": M}`` from a child, or ``{"error": why}``."""
+    payload = {"kind": kind, "path": str(path), "threads": threads, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers,
+               "device": device, "repeats": repeats,
+               "requests": [[[list(seg) for seg in r.context], [list(c) for c in r.continuations]] for r in reqs]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(payload, f)
+        name = f.name
+    try:
+        p = subprocess.run([python, __file__, "--child", name], capture_output=True, text=True)
+    finally:
+        os.unlink(name)
+    if p.returncode != 0:
+        why = f"signal {-p.returncode}" if p.returncode < 0 else f"exit {p.returncode}"
+        last = (p.stderr.strip().splitlines() or [""])[-1][:200]
+        return {"error": f"{kind} failed ({why}){': ' + last if last else ''}"}
+    return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def child_main(path: str) -> None:
+    """The child's side of :func:`run_child`: run one contender, print one JSON line."""
+    with open(path) as f:
+        job = json.load(f)
+    reqs = [ScoreRequest(context=tuple(tuple(s) for s in c), continuations=tuple(tuple(x) for x in k)) for c, k in job["requests"]]
+    rss0 = current_rss_mib()
+    seconds, sums = [], []
+    if job["kind"] == "naive":
+        for _ in range(job["repeats"]):
+            dt, sums = run_naive(Path(job["path"]), reqs, job["threads"], job["n_ctx"], job["n_gpu_layers"])
+            seconds.append(dt)
+    else:
+        hf = HF(Path(job["path"]), job["threads"], job["device"])
+        hf.run(reqs[:1])  # warm up (and allocate)
+        for _ in range(job["repeats"]):
+            dt, sums = hf.run(reqs)
+            seconds.append(dt)
+    print(json.dumps({"seconds": seconds, "sums": sums, "memory_mib": current_rss_mib() - rss0}))
+
+
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -280,65 +327,63 @@ def bench_workload(label: str, args: argparse.Namespace, pair_name: str | None, 
     bare = {w.name: pair.sides[role].model.sibling() for role, w in zip(sides, works, strict=True)}
     for w in works:
         replay(bare[w.name], w.trace, False)
-    hf = {}
-    if args.hf:
-        gc.collect()
-        rss1 = current_rss_mib()
-        for w in works:
-            if w.path not in hf:
-                hf[w.path] = HF(w.path, settings.threads(), args.hf_device)
-        hf[works[0].path].run(works[0].requests[:1])  # warm up (and allocate)
-        mem["hf"] = current_rss_mib() - rss1
-    times: dict[str, list[float]] = {k: [] for k in ("cdr", "ceiling", "prefill", *(["hf"] if args.hf else []))}
-    hf_sums: list[float] = []
+    times: dict[str, list[float]] = {k: [] for k in ("cdr", "ceiling", "prefill")}
     for _rep in range(args.repeats):
         times["cdr"].append(run_cdr(task, records))
         times["ceiling"].append(sum(replay(bare[w.name], w.trace, False) for w in works))
         times["prefill"].append(sum(replay(bare[w.name], w.trace, True) for w in works))
-        if args.hf:
-            dt = 0.0
-            hf_sums = []
-            for w in works:
-                d, s = hf[w.path].run(w.requests)
-                dt += d
-                hf_sums += s
-            times["hf"].append(dt)
+    errors: dict[str, str] = {}
+    hf_sums: list[float] = []
+    if args.hf:  # in a child per side, after the in-process contenders (torch may not live beside llama.cpp)
+        dts: list[float] = [0.0] * args.repeats
+        mem["hf"] = 0.0
+        for w in works:
+            r = run_child("hf", w.path, w.requests, settings.threads(), args.n_ctx, device=args.hf_device, repeats=args.repeats)
+            if "error" in r:
+                errors["hf"] = r["error"]
+                break
+            dts = [a + b for a, b in zip(dts, r["seconds"], strict=True)]
+            hf_sums += r["sums"]
+            mem["hf"] += r["memory_mib"]
+        if "hf" not in errors:
+            times["hf"] = dts
+        else:
+            mem.pop("hf", None)
     # naive on a subset (it is slow): compare per-token rates on that subset
-    sub = args.naive_records
+    sub = max(0, args.naive_records)
     naive_tok = sum(r.context_len + sum(len(c) for c in r.continuations) for w in works for r in w.requests[:sub])
     naive_dt, naive_sums = 0.0, []
     for w in works if sub > 0 else []:
-        d, s = run_naive(w.path, w.requests[:sub], settings.threads(), args.n_ctx, args.n_gpu_layers)
-        naive_dt += d
-        naive_sums += s
+        r = run_child("naive", w.path, w.requests[:sub], settings.threads(), args.n_ctx, args.n_gpu_layers)
+        if "error" in r:
+            errors["naive"] = r["error"]
+            break
+        naive_dt += r["seconds"][0]
+        naive_sums += r["sums"]
     cdr_sums = [x for w in works for x in w.sums]
     n_sub = sum(len(r.continuations) for w in works for r in w.requests[:sub])
     cdr_sub = [x for w in works for x in w.sums[: sum(len(r.continuations) for r in w.requests[:sub])]]
     rates = {k: tokens / min(v) for k, v in times.items()}
-    rates["naive"] = naive_tok / naive_dt if naive_dt > 0 else float("nan")  # --naive-records 0: no row
+    if naive_dt > 0 and "naive" not in errors:  # --naive-records 0, or a crash: no row
+        rates["naive"] = naive_tok / naive_dt
     res: dict[str, Any] = {
         "records": len(records),
         "tokens": tokens,
         "sides": [w.name for w in works],
         "tok_per_s": rates,
-        "seconds_best": {k: min(v) for k, v in times.items()} | {"naive": naive_dt},
+        "seconds_best": {k: min(v) for k, v in times.items()} | ({"naive": naive_dt} if "naive" in rates else {}),
         "naive_records": sub,
         "memory_mib": mem,
-        "ratios": {
-            "cdr/ceiling": rates["cdr"] / rates["ceiling"],
-            "cdr/prefill": rates["cdr"] / rates["prefill"],
-            "cdr/naive": rates["cdr"] / rates["naive"],
-            **({"cdr/hf": rates["cdr"] / rates["hf"]} if args.hf else {}),
-        },
+        "ratios": {f"cdr/{k}": rates["cdr"] / v for k, v in rates.items() if k != "cdr"},
         "agreement_max_abs_nats_per_response": {
-            "naive": float(np.max(np.abs(np.array(naive_sums) - np.array(cdr_sub)))) if n_sub else None,
-            **({"hf": float(np.max(np.abs(np.array(hf_sums) - np.array(cdr_sums))))} if args.hf else {}),
+            "naive": float(np.max(np.abs(np.array(naive_sums) - np.array(cdr_sub)))) if n_sub and "naive" in rates else None,
+            **({"hf": float(np.max(np.abs(np.array(hf_sums) - np.array(cdr_sums))))} if "hf" in rates else {}),
         },
+        "contender_errors": errors,
     }
     out[label] = res
     for m in bare.values():
         m.close()
-    hf.clear()
     pair.close()
     gc.collect()
 
@@ -515,6 +560,8 @@ def show(out: dict[str, Any]) -> None:
             t.add_row(name, f"{v:,.0f}", ratio)
         con.print(t)
         con.print(f"  agreement with cdr (max |Δ| nats per response): {w['agreement_max_abs_nats_per_response']}")
+        for k, why in w.get("contender_errors", {}).items():
+            con.print(f"  [yellow]{k}: no row[/]: {why}")
         con.print(f"  resident memory added by the models (MiB): {', '.join(f'{k} {v:,.0f}' for k, v in w['memory_mib'].items())}")
     if "prompt_sharing" in out:
         con.print(_table("prompt sharing: 400-token prompt, N responses of 128 tokens", ("N", "shared tok/s", "unshared tok/s", "speed-up"),
@@ -536,6 +583,9 @@ def show(out: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":  # see run_child
+        child_main(sys.argv[2])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="registry (default: the shipped models.toml)")
     ap.add_argument("--pair", default=None, help="pair for the pair workload (default: the default pair)")

@@ -18,9 +18,25 @@ if TYPE_CHECKING:
 
 # keys the output owns; input fields with these names are kept as input_<key>
 OUTPUT_KEYS = {
-    "id", "prompt", "chosen", "rejected", "margin", "margin_z", "confidence", "margin_mean", "label", "tie", "agree",
+    "id", "prompt", "chosen", "rejected", "margin", "margin_value", "margin_z", "confidence", "margin_mean", "label", "tie", "agree",
     "scores", "truncated", "input_format", "line", "domain", "domain_source", "responses",
 }
+
+
+def trl_margin(confidence: float) -> float:
+    """TRL's ``margin`` column: the log-odds that the label is right, logit(confidence).
+
+    TRL's reward trainer subtracts ``margin`` inside its loss, ``-logsigmoid(r_c - r_r -
+    margin)``, so it must be on the reward model's own scale: for a Bradley-Terry
+    model ``r_c - r_r`` *is* the logit of P(chosen preferred), and the calibrated
+    confidence's logit asks the trained model to prefer chosen by as much as the
+    annotator's evidence supports (0 for a tie or a coin flip, about 0.5-2 for
+    confident labels).  The rule's raw margin (tens of nats for summed rules) is kept
+    as ``margin_value``: fed to TRL as is, it would swamp the loss."""
+    import math
+
+    c = min(max(confidence, 1e-6), 1 - 1e-6)
+    return 0.0 if c <= 0.5 else math.log(c / (1 - c))
 
 
 def build_output(record: Record, scores: list[ResponseScore], *, token_logprobs: bool = False,
@@ -46,9 +62,10 @@ def build_output(record: Record, scores: list[ResponseScore], *, token_logprobs:
     if n >= 2:
         obj["chosen"] = record.as_response(record.responses[j.best])
         obj["rejected"] = record.as_response(record.responses[j.worst])
-        obj["margin"] = j.margin
         obj["margin_z"] = rule.rule.z(j.margin, resp[j.best], resp[j.worst])
         obj["confidence"] = 0.5 if j.tie else confidence(obj["margin_z"])
+        obj["margin"] = trl_margin(obj["confidence"])
+        obj["margin_value"] = j.margin
         obj["margin_mean"] = j.margin_mean
         obj["label"] = "tie" if j.tie else record.response_name(j.best)
         obj["tie"] = j.tie

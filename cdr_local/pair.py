@@ -20,6 +20,9 @@ from .paths import home_dir
 from .reward import ResponseScore
 from .scoring import ChatSide
 
+#: engine settings recorded in the metadata but not in the resume guard: proven not to change scores
+NOT_NUMERICS = ("n_threads",)
+
 
 def settings_from(registry: Registry, **overrides: Any) -> EngineSettings:
     """Engine settings: models.toml's [engine] table, then command-line overrides (None = keep)."""
@@ -160,6 +163,7 @@ class LoadedPair:
                 "path": str(path),
                 "sha256": model_sha256(spec, path),
                 "source": spec.source_label,
+                "license": spec.license,
                 "system": side.system,
                 "chat_template_sha256": hashlib.sha256(side.template.encode()).hexdigest(),
                 "chat_template_from": side.template_from,
@@ -196,7 +200,9 @@ class LoadedPair:
             **{f"{r}.sha256": meta["models"][r]["sha256"] for r in ("strong", "weak")},
             **{f"{r}.system": meta["models"][r]["system"] for r in ("strong", "weak")},
             **{f"{r}.chat_template_sha256": meta["models"][r]["chat_template_sha256"] for r in ("strong", "weak")},
-            **{f"engine.{k}": v for k, v in self.settings.to_json().items()},
+            # n_threads changes no score (bitwise; tests/test_engine.py::test_scores_do_not_depend_on_thread_count,
+            # and test_reliability's resume on another thread count), so a resume may use other threads
+            **{f"engine.{k}": v for k, v in self.settings.to_json().items() if k not in NOT_NUMERICS},
         }
 
     def close(self) -> None:

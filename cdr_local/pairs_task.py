@@ -100,7 +100,6 @@ class PairsTask:
             "prompt": record.prompt_raw,
             "chosen": record.as_response(record.responses[c.chosen]),
             "rejected": record.as_response(record.responses[c.rejected]),
-            "margin": c.margin,
             **self._confidence(c, resp, record, rewards),
             "strategy": self.strategy,
             "chosen_index": c.chosen,
@@ -124,4 +123,7 @@ class PairsTask:
                 if vals != rewards:
                     order.reverse()
             z = self.rule.rule.z(c.margin, resp[order[c.chosen]], resp[order[c.rejected]])
-        return {"margin_z": z, "confidence": 0.5 if c.margin == 0 else self.confidence(z), "rule": self.rule.label()}
+        from .annotate import trl_margin
+
+        conf = 0.5 if c.margin == 0 else self.confidence(z)
+        return {"margin": trl_margin(conf), "margin_value": c.margin, "margin_z": z, "confidence": conf, "rule": self.rule.label()}

@@ -36,6 +36,9 @@ from typing import IO, Any, Protocol
 import orjson
 
 from .atomic import write_bytes_atomic
+from .card import card_path
+from .card import ours as card_is_ours
+from .card import render as render_card
 from .errors import CdrError
 from .files import check_distinct, check_writable_target, is_regular, kind
 from .locks import try_lock
@@ -449,8 +452,9 @@ def preflight(cfg: RunConfig) -> None:
     rej = _rejects_path(cfg)
     meta = None if out_path is None else str(meta_path(cfg.output))
     abst = None if out_path is None else str(abstained_path(cfg.output))
+    card = None if out_path is None else str(card_path(cfg.output))
     check_distinct([("input", cfg.input), ("output", out_path), ("rejects file", rej), ("metadata sidecar", meta),
-                    ("abstained file", abst), *cfg.also_writes])
+                    ("abstained file", abst), ("dataset card", card), *cfg.also_writes])
     if out_path is None:
         if cfg.resume:
             raise CdrError("--resume needs an output file, not stdout")
@@ -459,9 +463,12 @@ def preflight(cfg: RunConfig) -> None:
         return
     if cfg.resume and cfg.overwrite:
         raise CdrError("--resume and --overwrite exclude each other: continue the output, or start it again")
-    for role, p in (("output", out_path), ("rejects file", rej), ("metadata sidecar", meta), ("abstained file", abst), *cfg.also_writes):
+    for role, p in (("output", out_path), ("rejects file", rej), ("metadata sidecar", meta), ("abstained file", abst),
+                    ("dataset card", card), *cfg.also_writes):
         if p is not None:
             check_writable_target(role, p)
+    if card is not None and not card_is_ours(Path(card)):
+        raise CdrError(f"{card} exists and was not written by cdr-local (its dataset card goes there): move it, or name the output otherwise")
     out = Path(out_path)
     if out.exists() and out.stat().st_size > 0 and not cfg.resume and not cfg.overwrite:
         raise CdrError(f"{out} exists: use --resume to continue it or --overwrite to start again")
@@ -559,7 +566,7 @@ class Output:
         p = self._old_meta.get("input_prefix")
         return p if isinstance(p, dict) else None
 
-    def _write_meta(self, status: str, extra: dict[str, Any] | None = None) -> None:
+    def _write_meta(self, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         prefix = self.progress() if self.progress is not None else None
         prev = self._previous_prefix
         if prev is not None and (prefix is None or int(prefix.get("bytes", 0)) < int(prev.get("bytes", 0))):
@@ -567,7 +574,9 @@ class Output:
         body: dict[str, Any] = {**self.cfg.meta, "numerics": self.cfg.numerics, "status": status}
         if prefix is not None:
             body["input_prefix"] = prefix
-        _atomic_write_json(meta_path(self.cfg.output), {**body, **(extra or {})})
+        body.update(extra or {})
+        _atomic_write_json(meta_path(self.cfg.output), body)
+        return body
 
     def _check_meta(self) -> None:
         """Resume only what can be checked: the settings that change scores, and
@@ -674,7 +683,7 @@ class Output:
                     self._out.flush()
             return
         try:
-            self._write_meta(
+            body = self._write_meta(
                 "failed" if failed else "interrupted" if summary.interrupted else "complete",
                 {
                     "input_sha256": summary.input_sha256,
@@ -688,6 +697,12 @@ class Output:
                     },
                 },
             )
+            if not failed:
+                card = card_path(self.cfg.output)
+                try:
+                    write_bytes_atomic(card, render_card(body, self.cfg.output, summary.done + summary.resumed).encode())
+                except OSError as e:
+                    raise CdrError(f"cannot write {card}: {e.strerror or e}") from None
         except CdrError:
             if not failed:
                 raise
@@ -787,6 +802,8 @@ def keep(cfg: RunConfig, out: Output, obj: dict[str, Any], stats: dict[str, floa
         reject(Reject(lineno, f"output cannot be written as JSON: {e}", id=rid))
         return
     except OSError as e:
+        if out.to_stdout and isinstance(e, BrokenPipeError):
+            raise  # stdout's reader is gone (`| head`): nothing to resume; the CLI exits quietly with 141
         raise CdrError(f"cannot write {cfg.output}: {e.strerror or e}; everything before line {lineno} is saved, rerun with --resume") from None
     if why is None:
         summary.add_record(stats, rng)

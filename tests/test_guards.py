@@ -377,3 +377,33 @@ def test_engine_table_out_of_range(tiny_registry: Path, tmp_path: Path) -> None:
 def test_usage_errors_are_one_line() -> None:
     _one_line_error(cdr("annotate", "--bogus"), "No such option: --bogus", "cdr annotate --help")
     _one_line_error(cdr("evall"), "No such command 'evall'")
+
+
+# --------------------------------------------------------------------------- dataset card
+
+
+def test_dataset_card_names_models_licences_and_counts(tiny_registry: Path, tmp_path: Path) -> None:
+    yaml = pytest.importorskip("yaml")
+    reg = tmp_path / "models.toml"
+    # the tiny weak model under the Gemma licence, as the default pair's is
+    reg.write_text(tiny_registry.read_text().replace('[models.tiny-nobos]\npath', '[models.tiny-nobos]\nlicense = "Gemma"\npath'))
+    inp = tmp_path / "in.jsonl"
+    _write(inp, GOOD, b"not json\n")
+    out = tmp_path / "o.jsonl"
+    assert cdr("annotate", inp, "-o", out, "--models", reg, "-q").returncode == 0
+    text = (tmp_path / "o.card.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["license"] == "other" and front["license_name"] == "gemma"
+    assert front["configs"] == [{"config_name": "default", "data_files": "o.jsonl"}]
+    meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
+    for role in ("strong", "weak"):
+        assert meta["models"][role]["sha256"] in text
+    assert "Gemma Terms of Use" in text and "Model Derivatives" in text
+    assert f"{len(GOOD)} records" in text and "rejected this run: 1" in text
+    assert not (tmp_path / "README.md").exists()
+    # a rerun rewrites its own card; a card the user wrote is never overwritten
+    assert cdr("annotate", inp, "-o", out, "--models", reg, "-q", "--overwrite").returncode == 0
+    (tmp_path / "mine.card.md").write_text("my own notes\n")
+    r = cdr("annotate", inp, "-o", tmp_path / "mine.jsonl", "--models", reg)
+    _one_line_error(r, "mine.card.md exists and was not written by cdr-local")
+    assert (tmp_path / "mine.card.md").read_text() == "my own notes\n"

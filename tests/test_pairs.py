@@ -380,7 +380,7 @@ def test_annotate_then_best_random(run: Run) -> None:
         assert x["rewards"] == rewards
         assert c == int(np.argmax(rewards)) and x["chosen"] == texts[c]
         assert j != c and x["rejected"] == texts[j] and x["rejected"] != x["chosen"]
-        assert x["margin"] == rewards[c] - rewards[j] and x["margin"] > 0
+        assert x["margin_value"] == rewards[c] - rewards[j] and x["margin_value"] > 0
         assert x["prompt"] == a["prompt"]
         assert x["strategy"] == "best-random" and x["similarity"] is None
     # not always the worst one: best-random, not best-worst
@@ -435,12 +435,12 @@ def test_streams_stdin_to_stdout(run: Run) -> None:
 
 
 def test_min_margin(run: Run) -> None:
-    margins = sorted(x["margin"] for x in rows(run.pairs))
+    margins = sorted(x["margin_value"] for x in rows(run.pairs))
     cut = (margins[len(margins) // 2 - 1] + margins[len(margins) // 2]) / 2
     out = run.dir / "margin.jsonl"
     run.pairs_cmd(run.ann, out, "--min-margin", cut)
     kept = rows(out)
-    assert kept == [x for x in rows(run.pairs) if x["margin"] >= cut]
+    assert kept == [x for x in rows(run.pairs) if x["margin_value"] >= cut]
     assert len(kept) == len(margins) // 2
     rej = rows(run.dir / "margin.rejects.jsonl")
     below = [r for r in rej if "below" in r["reason"]]
@@ -476,7 +476,7 @@ def test_real_easy_cli(run: Run, tiny_bos_model: Path, tmp_path: Path) -> None:
             lowest = min(_cos(e[a], e[b]) for a in range(4) for b in range(a + 1, 4))
             assert x["similarity"] == pytest.approx(lowest, abs=1e-6)
             assert x["rewards"][c] > x["rewards"][j]
-            assert x["margin"] == x["rewards"][c] - x["rewards"][j]
+            assert x["margin_value"] == x["rewards"][c] - x["rewards"][j]
     finally:
         emb.close()
         m.close()

@@ -204,7 +204,7 @@ def test_outputs_in_order_with_trl_fields(env: Env) -> None:
         assert set(o) >= {"id", "prompt", "chosen", "rejected", "margin", "scores", "label", "tie"}
         assert o["margin"] >= 0
         rewards = [s["reward"] for s in o["scores"]]
-        assert o["margin"] == pytest.approx(max(rewards) - min(rewards))
+        assert o["margin_value"] == pytest.approx(max(rewards) - min(rewards))
         assert all(s["strong_tokens"] > 0 and s["weak_tokens"] > 0 for s in o["scores"])
     first = out[0]
     assert first["prompt"] == srcs["a1"]["prompt"]

@@ -281,15 +281,29 @@ def test_two_runs_are_byte_identical(tiny_registry: Path, tmp_path: Path) -> Non
 
     numerics = meta["numerics"]
     assert numerics["llama_cpp_python"] == llama_cpp.__version__
-    for k in ("n_threads", "n_batch", "n_ubatch", "n_gpu_layers", "n_ctx", "flash_attn", "parallel_responses"):
+    for k in ("n_batch", "n_ubatch", "n_gpu_layers", "n_ctx", "flash_attn", "parallel_responses"):
         assert f"engine.{k}" in numerics, k
         assert meta["engine"][k] == numerics[f"engine.{k}"]
+    assert "engine.n_threads" not in numerics and meta["engine"]["n_threads"] == 1  # recorded, not guarded
+
+
+def test_resume_on_other_threads_gives_the_same_bytes(tiny_registry: Path, tmp_path: Path) -> None:
+    """Thread count changes no score, so it is not in the resume guard: a run on 1
+    thread resumed on 2 (and 3) gives the bytes of an uninterrupted 1-thread run."""
+    lines, _ = _inputs("annotate")
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"\n".join(lines) + b"\n")
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    assert cdr(*_args("annotate", inp, ref, tiny_registry)).returncode == 0
+    assert cdr(*_args("annotate", inp, out, tiny_registry), "--limit", "3").returncode == 0
+    assert cdr(*_args("annotate", inp, out, tiny_registry), "--limit", "3", "--resume", "--threads", "2").returncode == 0
+    assert cdr(*_args("annotate", inp, out, tiny_registry), "--resume", "--threads", "3").returncode == 0
+    assert out.read_bytes() == ref.read_bytes()
 
 
 @pytest.mark.parametrize(
     "flag, value, key",
     [
-        ("--threads", "2", "engine.n_threads: 1 -> 2"),
         ("--n-batch", "32", "engine.n_batch: 64 -> 32"),
         ("--n-ubatch", "32", "engine.n_ubatch: 64 -> 32"),
         ("--n-gpu-layers", "1", "engine.n_gpu_layers: 0 -> 1"),

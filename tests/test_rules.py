@@ -139,7 +139,8 @@ def test_annotate_labels_by_the_rule(labelled: Path, tiny_registry: Path, tmp_pa
             assert [s["value"] for s in sc] == vals  # type: ignore[index]
             best = max(range(2), key=lambda i: (vals[i], -i))
             assert o["label"] == ("tie" if vals[0] == vals[1] else sc[best]["response"])  # type: ignore[index]
-            assert o["margin"] == pytest.approx(abs(vals[0] - vals[1]))
+            assert o["margin_value"] == pytest.approx(abs(vals[0] - vals[1]))
+            assert o["margin"] == pytest.approx(math.log(o["confidence"] / (1 - o["confidence"])) if o["confidence"] > 0.5 else 0.0)
             assert o["confidence"] == pytest.approx(1 / (1 + math.exp(-abs(o["margin_z"]))))  # the uncalibrated default
         meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
         assert meta["rule"]["label"] == rule and meta["confidence"]["calibrated"] is False

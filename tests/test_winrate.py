@@ -146,7 +146,8 @@ def test_best_of_n_example_script(tmp_path: Path, tiny_registry: Path) -> None:
     import os
 
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "CDR_MODELS": str(tiny_registry), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "CDR_MODELS": str(tiny_registry), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf-home")}  # datasets' cache: not the user's  # fmt: skip
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     r = subprocess.run(["bash", str(root / "examples" / "best_of_n.sh"), str(tmp_path / "o")], capture_output=True, text=True, timeout=300, env=env)

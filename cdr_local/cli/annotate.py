@@ -177,3 +177,5 @@ def annotate(
     )
     if summary.interrupted:
         raise typer.Exit(130)
+    from .common import require_scored
+    require_scored(summary, resume=resume, limit=limit)  # exit 1: every line rejected, or none

@@ -134,6 +134,8 @@ def eval_(
         )
         if summary.interrupted:
             raise typer.Exit(130)
+        from .common import require_scored
+        require_scored(summary, resume=resume, limit=limit)  # exit 1: every line rejected, or none
     if not Path(output).exists():
         raise CdrError(f"no output to report on: {output}")
     from ..files import check_distinct

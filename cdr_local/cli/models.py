@@ -30,15 +30,34 @@ def _select(reg: Registry, names: list[str] | None, pair: str | None, all_: bool
     return out
 
 
-@app.command("list")
-def list_(models: ModelsOpt = None) -> None:
-    """Models and pairs in the registry, and whether each model is present."""
-    from rich.console import Console
-    from rich.table import Table
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (registry, models, pairs) instead of the tables.")]
+MODELS_FILE = "Files: --models names a file, not '-' (a registry's relative paths resolve from its own folder)."
 
+
+@app.command("list", epilog=MODELS_FILE)
+def list_(models: ModelsOpt = None, json_out: JsonOpt = False) -> None:
+    """Models and pairs in the registry, and whether each model is present."""
     from ..models import is_present, load_registry, model_path
 
     reg = load_registry(models)
+    if json_out:
+        import orjson
+
+        doc = {
+            "registry": str(reg.path),
+            "default_pair": reg.default_pair,
+            "models": [{"name": m.name, "source": m.source_kind, "present": is_present(m), "path": str(model_path(m)),
+                        "description": m.description} for m in reg.models.values()],
+            "pairs": [{"name": pr.name, "default": pr.name == reg.default_pair,
+                       "strong": {"model": pr.strong.model, "system": pr.strong.system},
+                       "weak": {"model": pr.weak.model, "system": pr.weak.system},
+                       "description": pr.description} for pr in reg.pairs.values()],
+        }
+        typer.echo(orjson.dumps(doc).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
     t = Table(title=f"models ({reg.path})")
     for c in ("name", "source", "present", "path", "description"):
         t.add_column(c)
@@ -59,7 +78,7 @@ def _side(s: PairSide) -> str:
     return s.model + (" + system prompt" if s.system else "")
 
 
-@app.command("check")
+@app.command("check", epilog=MODELS_FILE)
 def check(names: NamesArg = None, pair: PairNamesOpt = None, all_: AllOpt = False, models: ModelsOpt = None) -> None:
     """Verify present models (sha256 and GGUF header). Exit 2 if any is missing or bad."""
     from ..models import load_registry, verify
@@ -74,7 +93,7 @@ def check(names: NamesArg = None, pair: PairNamesOpt = None, all_: AllOpt = Fals
         raise typer.Exit(2)
 
 
-@app.command("pull")
+@app.command("pull", epilog=MODELS_FILE)
 def pull(
     names: NamesArg = None,
     pair: PairNamesOpt = None,

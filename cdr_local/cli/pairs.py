@@ -134,6 +134,8 @@ def pairs(
         _print_skips(summary.rejects_path)
     if summary.interrupted:
         raise typer.Exit(130)
+    from .common import require_scored
+    require_scored(summary, resume=resume, limit=limit)  # exit 1: every line rejected, or none
 
 
 @dataclass(frozen=True)

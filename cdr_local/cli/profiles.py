@@ -10,26 +10,36 @@ app = typer.Typer(help="List profiles, and show the exact messages a profile giv
 
 
 @app.command("list")
-def list_() -> None:
+def list_(
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (the profiles) instead of the table.")] = False,
+) -> None:
     """Shipped profiles and yours ($CDR_HOME/profiles/*.toml)."""
-    from rich.console import Console
-    from rich.table import Table
-
     from ..paths import home_dir
     from ..profiles import load_profile, shipped_profiles
+
+    user_dir = home_dir() / "profiles"
+    names = shipped_profiles() + (sorted(str(p) for p in user_dir.glob("*.toml")) if user_dir.exists() else [])
+    profiles = [load_profile(n) for n in names]
+    if json_out:
+        import orjson
+
+        doc = {"profiles": [{"name": p.name, "domains": list(p.domains),
+                             "exemplars": sum(len(d.exemplars) for d in p.domains.values()),
+                             "description": p.description, "file": p.path} for p in profiles]}
+        typer.echo(orjson.dumps(doc).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
 
     t = Table(title="profiles")
     for c in ("name", "domains", "exemplars", "description", "file"):
         t.add_column(c)
-    user_dir = home_dir() / "profiles"
-    names = shipped_profiles() + (sorted(str(p) for p in user_dir.glob("*.toml")) if user_dir.exists() else [])
-    for n in names:
-        p = load_profile(n)
+    for p in profiles:
         t.add_row(p.name, ", ".join(p.domains), str(sum(len(d.exemplars) for d in p.domains.values())), p.description, p.path)
     Console().print(t)
 
 
-@app.command("show")
+@app.command("show", epilog="Files: NAME is a profile name or a .toml path, not '-' (a profile may extend others, found by name).")
 def show(
     name: Annotated[str, typer.Argument(help="Profile name or path.")],
     prompt: Annotated[str, typer.Option("--prompt", help="A user prompt to render.")] = "<the user's prompt>",

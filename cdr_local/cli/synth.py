@@ -131,6 +131,8 @@ def synth(
             Console(stderr=True, highlight=False).print(tab)
     if summary.interrupted:
         raise typer.Exit(130)
+    from .common import require_scored
+    require_scored(summary, resume=resume, limit=limit)  # exit 1: every line rejected, or none
 
 
 def _sha(path: str) -> str:

@@ -311,7 +311,7 @@ class LlamaModel:
         ll = self._ll
         if self.n_ctx_train > 0 and n_ctx > self.n_ctx_train:
             self.close()
-            raise ModelError(f"n_ctx {n_ctx} exceeds the trained context of model {self.name} ({self.n_ctx_train} tokens)")
+            raise ModelError(f"n_ctx {n_ctx} exceeds the trained context of model {self.name} ({self.n_ctx_train} tokens): pass --n-ctx {self.n_ctx_train} or less")
         n_head = max(1, int(ll.llama_model_n_head(self._model)))
         kv = n_ctx * int(ll.llama_model_n_layer(self._model)) * 2 * int(ll.llama_model_n_head_kv(self._model)) * (
             int(ll.llama_model_n_embd(self._model)) // n_head) * 2
