@@ -13,7 +13,7 @@ from .reward import ResponseScore, judge
 if TYPE_CHECKING:
     from .calibration import Calibration, Confidence
     from .pair import LoadedPair
-    from .router import KeywordRouter, ModelRouter, NoneRouter
+    from .router import Router
     from .rules import RuleSpec
 
 # keys the output owns; input fields with these names are kept as input_<key>
@@ -104,10 +104,10 @@ def build_output(record: Record, scores: list[ResponseScore], *, token_logprobs:
     return obj, stats
 
 
-def make_router(name: str | None, profile: Profile, pair: LoadedPair) -> KeywordRouter | ModelRouter | NoneRouter:
+def make_router(name: str | None, profile: Profile, pair: LoadedPair) -> Router:
     """``None`` picks the default: the model router when the profile has several domains."""
     from .errors import ConfigError
-    from .router import ROUTERS, KeywordRouter, ModelRouter, NoneRouter
+    from .router import ROUTERS, AnswerRouter, KeywordRouter, ModelRouter, NoneRouter
 
     if name is None:
         name = "model" if len(profile.domains) > 1 else "none"
@@ -115,6 +115,8 @@ def make_router(name: str | None, profile: Profile, pair: LoadedPair) -> Keyword
         raise ConfigError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")
     if name == "model":
         return ModelRouter(profile, pair.router_side())
+    if name == "answer":
+        return AnswerRouter(profile, pair.router_side())
     if name == "keywords":
         return KeywordRouter(profile)
     return NoneRouter(profile)
@@ -127,7 +129,7 @@ class AnnotateTask:
     decides the criteria and exemplars that both models read.
     """
 
-    def __init__(self, pair: LoadedPair, profile: Profile | None = None, router: KeywordRouter | ModelRouter | NoneRouter | None = None,
+    def __init__(self, pair: LoadedPair, profile: Profile | None = None, router: Router | None = None,
                  *, token_logprobs: bool = False, rule: str | None = None, calibration: Calibration | None = None) -> None:
         from .calibration import Confidence
         from .router import NoneRouter
@@ -167,7 +169,7 @@ class AnnotateTask:
             except TemplateError as e:
                 raise RecordError(str(e)) from None
         try:
-            scores = self.pair.score(profile_messages(self.profile, domain, record.messages), record.responses)
+            scores = self.pair.score(profile_messages(self.profile, domain, record.messages, record.id), record.responses)
         except TemplateError as e:
             raise RecordError(str(e)) from None
         obj, stats = build_output(record, scores, token_logprobs=self.token_logprobs, rule=self.rule, confidence=self.confidence)

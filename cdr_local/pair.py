@@ -15,7 +15,7 @@ from .atomic import write_bytes_atomic
 from .chat import Message
 from .engine import EngineSettings
 from .errors import ModelError
-from .models import ModelSpec, PairSpec, PathSource, Registry, resolve
+from .models import ModelSpec, PairSpec, PathSource, Registry, hash_notice, resolve
 from .paths import home_dir
 from .reward import ResponseScore
 from .scoring import ChatSide
@@ -38,8 +38,11 @@ def settings_from(registry: Registry, **overrides: Any) -> EngineSettings:
     return EngineSettings(**base)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a model file, cached by (path, size, mtime) so big files are hashed once."""
+def file_sha256(path: Path, say: Callable[[str], None] | None = None) -> str:
+    """sha256 of a model file, cached by (path, size, mtime) so big files are hashed once.
+
+    ``say`` hears "hashing PATH (SIZE)..." first when the file is big (see
+    :data:`~cdr_local.models.HASH_NOTICE_BYTES`): reading gigabytes takes a while."""
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     cache = home_dir() / "sha256-cache.json"
@@ -51,6 +54,7 @@ def file_sha256(path: Path) -> str:
             data = {}
     if key in data:
         return data[key]
+    hash_notice(path, say, st.st_size)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -65,7 +69,7 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-def model_sha256(spec: ModelSpec, path: Path) -> str:
+def model_sha256(spec: ModelSpec, path: Path, say: Callable[[str], None] | None = None) -> str:
     """The sha256 that outputs record for a model file.
 
     A local file (path source) whose registry entry gives a sha256 is checked
@@ -76,14 +80,14 @@ def model_sha256(spec: ModelSpec, path: Path) -> str:
     """
     if isinstance(spec.source, PathSource) and spec.sha256:
         src = spec.source.path
-        actual = file_sha256(src)
+        actual = file_sha256(src, say)
         if actual != spec.sha256:
             raise ModelError(f"model {spec.name!r}: sha256 mismatch: expected {spec.sha256}, got {actual}: {src}")
         if spec.convert is None:
             return actual
     if spec.convert:  # what runs is the converted file: record its own digest
-        return file_sha256(path)
-    return spec.sha256 or file_sha256(path)
+        return file_sha256(path, say)
+    return spec.sha256 or file_sha256(path, say)
 
 
 class LoadedPair:
@@ -111,11 +115,16 @@ class LoadedPair:
         self.sides: dict[str, ChatSide] = {}
         self.model_specs: dict[str, ModelSpec] = specs
         try:
+            # both sides' files first (pulled, checked, hashed), then any load:
+            # a problem with the weak model costs no load of the strong one
             for role in ("strong", "weak"):
                 spec = specs[role]
                 path = resolve(spec, pull=pull, progress=say)
-                model_sha256(spec, path)  # a wrong local file fails here, before it is loaded
+                model_sha256(spec, path, say)  # a wrong local file fails here, before it is loaded
                 self.paths[role] = path
+            for role in ("strong", "weak"):
+                spec = specs[role]
+                path = self.paths[role]
                 key = path.resolve()
                 # one model file is loaded once; each side gets its own context
                 # on those weights, so each keeps its own cached prompt prefix

@@ -566,7 +566,9 @@ class Output:
         p = self._old_meta.get("input_prefix")
         return p if isinstance(p, dict) else None
 
-    def _write_meta(self, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _write_meta(self, status: str, extra: dict[str, Any] | None = None, *, card_records: int | None = None) -> dict[str, Any]:
+        """Write the sidecar (and, with ``card_records``, the dataset card first: a card
+        that cannot be written then leaves the sidecar as it was, never "complete")."""
         prefix = self.progress() if self.progress is not None else None
         prev = self._previous_prefix
         if prev is not None and (prefix is None or int(prefix.get("bytes", 0)) < int(prev.get("bytes", 0))):
@@ -575,6 +577,12 @@ class Output:
         if prefix is not None:
             body["input_prefix"] = prefix
         body.update(extra or {})
+        if card_records is not None:
+            card = card_path(self.cfg.output)
+            try:
+                write_bytes_atomic(card, render_card(body, self.cfg.output, card_records).encode())
+            except OSError as e:
+                raise CdrError(f"cannot write {card}: {e.strerror or e}") from None
         _atomic_write_json(meta_path(self.cfg.output), body)
         return body
 
@@ -683,7 +691,7 @@ class Output:
                     self._out.flush()
             return
         try:
-            body = self._write_meta(
+            self._write_meta(
                 "failed" if failed else "interrupted" if summary.interrupted else "complete",
                 {
                     "input_sha256": summary.input_sha256,
@@ -696,13 +704,8 @@ class Output:
                         "seconds_this_run": round(summary.seconds, 3),
                     },
                 },
+                card_records=None if failed else summary.done + summary.resumed,
             )
-            if not failed:
-                card = card_path(self.cfg.output)
-                try:
-                    write_bytes_atomic(card, render_card(body, self.cfg.output, summary.done + summary.resumed).encode())
-                except OSError as e:
-                    raise CdrError(f"cannot write {card}: {e.strerror or e}") from None
         except CdrError:
             if not failed:
                 raise

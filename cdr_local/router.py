@@ -9,6 +9,16 @@
   (contextual calibration, Zhao et al. 2021); measured on dev prompts with
   SmolLM2-135M it routed worse (19/60 vs 26/60), so it is off by default
   (benchmarks/route_accuracy.py).
+* ``answer``: the CDR authors' router (their ``scripts/domain_annotate.py``): the
+  strong model *generates* an answer (greedy) to a fixed prompt -- the profile's
+  ``router_prompt`` (``cdr-paper`` ships the authors' text), else one built from
+  the domains in the same shape -- that asks for the category between ``[START]``
+  and ``[END]``.  As there: the generation is cut at the first ``User`` or
+  ``Assistant`` (the authors' stop strings), the text between the tags, stripped,
+  must be exactly a domain name, and anything else (no tags, another word, a
+  conversation too long for the context) falls back to the default domain.  The
+  model reads the prompt as a system message, then the record's conversation
+  without its own system message.
 * ``keywords``: counts the domain's keywords in the prompt (whole words,
   case-insensitive); most hits wins, ties go to the default domain.
 * ``none``: always the default domain.
@@ -28,8 +38,11 @@ from .profiles import Profile
 if TYPE_CHECKING:
     from .scoring import ChatSide
 
-ROUTERS = ("model", "keywords", "none")
+ROUTERS = ("model", "answer", "keywords", "none")
 MAX_ROUTER_CHARS = 2000  # the start of the prompt is enough to classify it
+ANSWER_START, ANSWER_END = "[START]", "[END]"
+ANSWER_STOPS = ("User", "Assistant")  # the authors' vLLM stop strings
+ANSWER_MAX_TOKENS = 32  # "[START] REASONING [END]" and some slack; greedy, so no more is needed
 
 
 def prompt_text(messages: Sequence[Message]) -> str:
@@ -102,3 +115,65 @@ class ModelRouter:
     def route(self, messages: Sequence[Message]) -> str:
         sc = self.scores(messages)
         return max(self.labels, key=lambda label: (sc[label], label == self.profile.default_domain))
+
+
+def answer_prompt(profile: Profile) -> str:
+    """The answer router's system prompt: the profile's ``router_prompt``, else the
+    authors' layout filled with the profile's domains and descriptions."""
+    if profile.router_prompt:
+        return profile.router_prompt
+    names = list(profile.domains)
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", or " + names[-1]
+    lines = "\n".join(f"    \u2022 {d.name}: {d.description}" for d in profile.domains.values())
+    return (
+        f"\nYour task is to classify the last user question into one of the following categories: {listed}.\n"
+        f"Here are the definitions for each category:\n{lines}\n"
+        f"Output one of {listed} categories. \n"
+        f"Wrap your output in {ANSWER_START} and {ANSWER_END}.\n"
+    )
+
+
+def answer_messages(profile: Profile, messages: Sequence[Message]) -> list[Message]:
+    """What the answer router reads: its prompt as the system message, then the
+    record's conversation without its own system message."""
+    return [Message("system", answer_prompt(profile)), *(m for m in messages if m.role != "system")]
+
+
+def parse_answer(text: str, labels: Sequence[str], default: str) -> str:
+    """The domain in a generated answer, as the authors parse it (``extract_domain_class``):
+    the text between the first ``[START]`` and the next ``[END]``, stripped, if it is
+    exactly one of ``labels``; otherwise ``default``.  The text is first cut at the
+    first stop string, as vLLM's ``stop`` would have."""
+    for stop in ANSWER_STOPS:
+        text = text.split(stop, 1)[0]
+    if ANSWER_START not in text or ANSWER_END not in text:
+        return default
+    label = text.split(ANSWER_START)[1].split(ANSWER_END)[0].strip()
+    return label if label in labels else default
+
+
+class AnswerRouter:
+    name = "answer"
+
+    def __init__(self, profile: Profile, side: ChatSide, max_tokens: int = ANSWER_MAX_TOKENS) -> None:
+        self.profile = profile
+        self.side = side
+        self.max_tokens = max_tokens
+        self.labels = list(profile.domains)
+
+    def answer(self, messages: Sequence[Message]) -> str:
+        """The model's greedy answer to the router prompt ("" when the conversation leaves no room)."""
+        m = self.side.model
+        ctx = self.side.context_tokens(answer_messages(self.profile, messages))
+        room = m.n_ctx - len(ctx) - 1
+        if room < 1:
+            return ""
+        toks = m.generate(tuple(ctx), max_tokens=min(self.max_tokens, room), temperature=0.0, seed=0)
+        body = toks[:-1] if toks and m.is_eog(toks[-1]) else toks
+        return m.detokenize(body)
+
+    def route(self, messages: Sequence[Message]) -> str:
+        return parse_answer(self.answer(messages), self.labels, self.profile.default_domain)
+
+
+Router = AnswerRouter | KeywordRouter | ModelRouter | NoneRouter

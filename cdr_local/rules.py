@@ -133,8 +133,8 @@ RULES: dict[str, Rule] = {
         Rule("weak-sum", "the weak model's log-likelihood alone, summed", lambda r, p: r.weak_logprob, "sum"),
         Rule("weak-mean", "the weak model's log-likelihood alone, per token",
              lambda r, p: r.weak_logprob / max(1, r.weak_tokens), "mean"),
-        Rule("longer", "baseline: the longer response (the strong model's tokens) wins", lambda r, p: float(r.strong_tokens), "none"),
-        Rule("shorter", "baseline: the shorter response (the strong model's tokens) wins", lambda r, p: -float(r.strong_tokens), "none"),
+        Rule("longer", "baseline: the longer response (characters) wins", lambda r, p: float(r.chars), "none"),
+        Rule("shorter", "baseline: the shorter response (characters) wins", lambda r, p: -float(r.chars), "none"),
     )
 }
 

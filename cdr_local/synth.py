@@ -7,6 +7,11 @@ aspects.  The pair therefore differs on purpose, along the chosen aspects.
 Optionally a CDR pair verifies each pair (does the density ratio agree with
 the intended label?).  Every random choice is seeded per record, so a rerun or
 a resumed run reproduces the same pairs.
+
+Templates ship in ``synth_templates/``: ``rmboost`` (the default, the paper's
+recipe: a guideline of defined aspects, an *edit* of response 1, the answer
+between ``<response>`` tags, bounded retries when the edit changes nothing) and
+``rewrite`` (cdr-local's earlier variant: a new second answer, one bare aspect).
 """
 
 from __future__ import annotations
@@ -32,9 +37,13 @@ if TYPE_CHECKING:
     from .pair import LoadedPair
     from .scoring import ChatSide
 
-SHIPPED_TEMPLATES = Path(__file__).resolve().parent / "synth.toml"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "synth_templates"
+DEFAULT_TEMPLATE = "rmboost"
+SHIPPED_TEMPLATES = TEMPLATES_DIR / f"{DEFAULT_TEMPLATE}.toml"  # the default's file
 OUTPUT_KEYS = {"id", "prompt", "chosen", "rejected", "margin", "label", "aspects", "response_1", "response_2",
-               "seeds", "generation", "verify"}
+               "seeds", "retries", "generation", "verify"}
+MAX_RETRIES = 10
+PLACEHOLDERS = ("prompt", "response1", "direction", "aspects", "guideline")
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,35 @@ class SynthTemplates:
     better: str
     worse: str
     path: str = ""
+    definitions: tuple[str, ...] = ()  # one per aspect ("" = a bare name), for {guideline}
+    response_tag: str = ""  # "response": response 2 is the text between <response> and </response>
+    retries: int = 0  # response 2 equal to response 1: generate again, at most this many times
+
+    def guideline(self, aspects: list[str]) -> str:
+        """The drawn aspects with their definitions, one ``- name: definition`` line each."""
+        defs = dict(zip(self.aspects, self.definitions or ("",) * len(self.aspects), strict=True))
+        return "\n".join(f"- {a}: {defs[a]}" if defs[a] else f"- {a}" for a in aspects)
+
+
+def shipped_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.toml"))
+
+
+def template_path(name_or_path: str | Path | None = None) -> Path:
+    """A shipped template by name (``rmboost``, ``rewrite``), else a file; ``None`` is the default."""
+    if name_or_path is None:
+        return SHIPPED_TEMPLATES
+    if isinstance(name_or_path, str) and name_or_path in shipped_templates():
+        return TEMPLATES_DIR / f"{name_or_path}.toml"
+    p = Path(name_or_path)
+    if isinstance(name_or_path, str) and p.suffix != ".toml" and "/" not in name_or_path and not p.exists():
+        raise ConfigError(f"unknown synth template {name_or_path!r}; shipped: {', '.join(shipped_templates())} (or a .toml file)")
+    return p
 
 
 def load_templates(path: str | Path | None = None) -> SynthTemplates:
-    p = Path(path) if path else SHIPPED_TEMPLATES
+    """A template by shipped name or path (``None``: the default, ``rmboost``)."""
+    p = template_path(path)
     try:
         d = tomllib.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
@@ -58,36 +92,57 @@ def load_templates(path: str | Path | None = None) -> SynthTemplates:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"synth templates {p}: invalid TOML: {e}") from None
     need = {"aspects", "n_aspects", "response_system", "conditioning_system", "conditioning_user", "better", "worse"}
-    missing, unknown = need - set(d), set(d) - need
+    optional = {"response_tag", "retries"}
+    missing, unknown = need - set(d), set(d) - need - optional
     if missing or unknown:
         raise ConfigError(f"synth templates {p}: " + "; ".join(
             ([f"missing {', '.join(sorted(missing))}"] if missing else []) + ([f"unknown {', '.join(sorted(unknown))}"] if unknown else [])))
-    aspects = d["aspects"]
-    if not isinstance(aspects, list) or not aspects or not all(isinstance(a, str) and a for a in aspects):
-        raise ConfigError(f"synth templates {p}: aspects must be a non-empty list of strings")
+    raw = d["aspects"]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"synth templates {p}: aspects must be a non-empty list of strings or of {{name, definition}} tables")
+    aspects: list[str] = []
+    definitions: list[str] = []
+    for a in raw:
+        if isinstance(a, str) and a:
+            aspects.append(a)
+            definitions.append("")
+        elif isinstance(a, dict) and set(a) == {"name", "definition"} and all(isinstance(a[k], str) and a[k].strip() for k in a):
+            aspects.append(a["name"])
+            definitions.append(a["definition"].strip())
+        else:
+            raise ConfigError(f"synth templates {p}: aspects must be a non-empty list of strings or of {{name, definition}} tables")
     if len(set(aspects)) != len(aspects):
         raise ConfigError(f"synth templates {p}: aspects must be distinct")
     n = d["n_aspects"]
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(aspects):
         raise ConfigError(f"synth templates {p}: n_aspects must be between 1 and {len(aspects)}")
-    for k in ("response_system", "conditioning_system", "conditioning_user", "better", "worse"):
-        if not isinstance(d[k], str):
+    for k in ("response_system", "conditioning_system", "conditioning_user", "better", "worse", "response_tag"):
+        if not isinstance(d.get(k, ""), str):
             raise ConfigError(f"synth templates {p}: {k} must be a string")
+    tag = d.get("response_tag", "")
+    if tag and not all(c.isalnum() or c in "_-" for c in tag):
+        raise ConfigError(f"synth templates {p}: response_tag must be a tag name (letters, digits, _ or -), e.g. \"response\"")
+    retries = d.get("retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise ConfigError(f"synth templates {p}: retries must be between 0 and {MAX_RETRIES}")
     # fill the template once with markers: a stray brace or an unknown placeholder
     # is a config error now, not a traceback at the first record
-    probe = {k: f"\x00{k}\x00" for k in ("prompt", "response1", "direction", "aspects")}
+    probe = {k: f"\x00{k}\x00" for k in PLACEHOLDERS}
     try:
         filled = d["conditioning_user"].format(**probe)
     except (KeyError, IndexError, ValueError, AttributeError) as e:
         raise ConfigError(
             f"synth templates {p}: conditioning_user: bad placeholder or stray brace ({e!s}); "
-            "the placeholders are {prompt}, {response1}, {direction}, {aspects}; write a literal brace as {{ or }}"
+            "the placeholders are {prompt}, {response1}, {direction}, {aspects}, {guideline}; write a literal brace as {{ or }}"
         ) from None
-    for k, v in probe.items():
-        if v not in filled:
+    for k in ("prompt", "response1", "direction"):
+        if probe[k] not in filled:
             raise ConfigError(f"synth templates {p}: conditioning_user must contain {{{k}}}")
+    if probe["aspects"] not in filled and probe["guideline"] not in filled:
+        raise ConfigError(f"synth templates {p}: conditioning_user must contain {{aspects}} or {{guideline}}")
     return SynthTemplates(tuple(aspects), n, str(d["response_system"]), str(d["conditioning_system"]),
-                          str(d["conditioning_user"]), str(d["better"]), str(d["worse"]), str(p))
+                          str(d["conditioning_user"]), str(d["better"]), str(d["worse"]), str(p),
+                          tuple(definitions), tag, retries)
 
 
 def prompt_text(record: Record) -> str:
@@ -112,9 +167,10 @@ def response1_messages(t: SynthTemplates, record: Record) -> list[Message]:
 
 
 def conditioning_messages(t: SynthTemplates, prompt: str, response1: str, label: str, aspects: list[str]) -> list[Message]:
-    """The messages that ask for response 2 (documented in synth.toml)."""
+    """The messages that ask for response 2 (documented in the template files)."""
     user = t.conditioning_user.format(
-        prompt=prompt, response1=response1, direction=t.better if label == "better" else t.worse, aspects=" and ".join(aspects)
+        prompt=prompt, response1=response1, direction=t.better if label == "better" else t.worse, aspects=" and ".join(aspects),
+        guideline=t.guideline(aspects),
     )
     msgs = [Message("user", user)]
     if t.conditioning_system:
@@ -124,6 +180,23 @@ def conditioning_messages(t: SynthTemplates, prompt: str, response1: str, label:
 
 def gen_seed(record_id: str, seed: int, which: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{record_id}:{which}".encode()).digest()[:8], "little")
+
+
+def response2_seed(record_id: str, seed: int, attempt: int) -> int:
+    """Attempt 0 is ``gen_seed(.., "r2")``; retry k draws from ``"r2.k"``."""
+    return gen_seed(record_id, seed, "r2" if attempt == 0 else f"r2.{attempt}")
+
+
+def extract_tagged(text: str, tag: str) -> str | None:
+    """The text between the first ``<tag>`` and the ``</tag>`` after it, stripped (None without both)."""
+    open_, close = f"<{tag}>", f"</{tag}>"
+    i = text.find(open_)
+    if i < 0:
+        return None
+    j = text.find(close, i + len(open_))
+    if j < 0:
+        return None
+    return text[i + len(open_) : j].strip()
 
 
 class SynthTask:
@@ -163,17 +236,35 @@ class SynthTask:
         body = toks[:-1] if toks and m.is_eog(toks[-1]) else toks
         return m.detokenize(body).strip(), len(toks)
 
+    def _response2(self, record: Record, r1: str, label: str, aspects: list[str]) -> tuple[str, int, int, int]:
+        """Response 2, its seed, the tokens generated for it (all attempts) and the retries it took."""
+        cond = conditioning_messages(self.t, prompt_text(record), r1, label, aspects)
+        detail = {"label": label, "aspects": aspects}
+        n = 0
+        for attempt in range(self.t.retries + 1):
+            s2 = response2_seed(record.id, self.seed, attempt)
+            text, k = self._generate(cond, s2)
+            n += k
+            if self.t.response_tag:
+                tagged = extract_tagged(text, self.t.response_tag)
+                if tagged is None:
+                    raise RecordError(f"skipped: no <{self.t.response_tag}> tags in the generation",
+                                      detail={**detail, "attempt": attempt, "generation": text[:2000]})
+                text = tagged
+            if not text:
+                raise RecordError("skipped: response 2 came out empty")
+            if text != r1:
+                return text, s2, n, attempt
+        raise RecordError("skipped: response 2 is identical to response 1"
+                          + (f" (also after {self.t.retries} retries)" if self.t.retries else ""), detail=detail)
+
     def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
-        s1, s2 = gen_seed(record.id, self.seed, "r1"), gen_seed(record.id, self.seed, "r2")
+        s1 = gen_seed(record.id, self.seed, "r1")
         r1, n1 = self._generate(response1_messages(self.t, record), s1)
         if not r1:
             raise RecordError("skipped: response 1 came out empty")
         label, aspects = draw(record.id, self.seed, self.t)
-        r2, n2 = self._generate(conditioning_messages(self.t, prompt_text(record), r1, label, aspects), s2)
-        if not r2:
-            raise RecordError("skipped: response 2 came out empty")
-        if r2 == r1:
-            raise RecordError("skipped: response 2 is identical to response 1")
+        r2, s2, n2, retries = self._response2(record, r1, label, aspects)
         chosen, rejected = (r2, r1) if label == "better" else (r1, r2)
         obj: dict[str, Any] = {
             "id": record.id,
@@ -186,6 +277,7 @@ class SynthTask:
             "response_1": r1,
             "response_2": r2,
             "seeds": {"response_1": s1, "response_2": s2, "label": self.seed},
+            "retries": retries,
             "generation": self.generation_settings(),
         }
         stats: dict[str, float] = {"tokens": float(n1 + n2)}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,18 +43,36 @@ def tiny_nobos_model(tiny_gguf_dir: Path) -> Path:
 # Hermetic user state and a tiny registry.
 # ---------------------------------------------------------------------------
 
-# The real-model cache is looked up *before* tests relocate CDR_HOME: the
-# README's first command fills it (CI runs that command first).
+# The real-model cache is looked up *before* tests relocate CDR_HOME: the README's
+# quick-start commands fill it (command 2 pulls smollm2-135m; .ci/run runs them with a
+# CDR_HOME under a path with spaces, unlike a developer's).
 _REAL_HOME = os.environ.get("CDR_HOME")
+
+
+# the user's cdr settings besides CDR_HOME: caches, registries, pip arguments, llama.cpp's log
+_USER_SETTINGS = ("CDR_CACHE_DIR", "CDR_MODELS", "CDR_CONFIG", "CDR_PIP_ARGS", "CDR_LLAMA_LOG")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Session and module fixtures are set up before any test's own CDR_HOME: they get
+    one of their own too, never the user's (its models, profiles, caches, settings)."""
+    home = tmp_path_factory.mktemp("session-cdr-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CDR_HOME", str(home))
+        for var in _USER_SETTINGS:
+            mp.delenv(var, raising=False)
+        yield home
 
 
 @pytest.fixture(autouse=True)
 def _hermetic_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own CDR_HOME so nothing touches the user's cache."""
+    """Every test gets its own CDR_HOME so nothing touches the user's cache, and none
+    sees the rest of the user's cdr settings."""
     home = tmp_path / "cdr-home"
     monkeypatch.setenv("CDR_HOME", str(home))
-    monkeypatch.delenv("CDR_CACHE_DIR", raising=False)
-    monkeypatch.delenv("CDR_MODELS", raising=False)
+    for var in _USER_SETTINGS:
+        monkeypatch.delenv(var, raising=False)
     return home
 
 
@@ -92,7 +111,7 @@ def tiny_registry(tiny_gguf_dir: Path, tiny_bos_model: Path, tiny_nobos_model: P
 
 
 def real_model_path(name: str) -> Path:
-    """Path of a real registry model pulled by the README's first command; skip if absent.
+    """Path of a real registry model pulled by the README's quick start; skip if absent.
 
     With CDR_REQUIRE_REAL=1 (set by .ci/run) a missing model fails instead of skipping.
     """
@@ -113,5 +132,5 @@ def real_model_path(name: str) -> Path:
         else:
             os.environ["CDR_HOME"] = saved
     if os.environ.get("CDR_REQUIRE_REAL") == "1":
-        pytest.fail(f"real model {name!r} is not in the cache: run the README's first command (cdr models pull)")
+        pytest.fail(f"real model {name!r} is not in the cache {_REAL_HOME or '(default CDR_HOME)'}: cdr models pull {name}")
     pytest.skip(f"real model {name!r} not pulled (cdr models pull {name})")

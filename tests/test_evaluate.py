@@ -44,7 +44,7 @@ ROWS: list[
 
 # Right (chosen strictly higher) per pair, by hand:
 #   cdr-sum:     p1 R, p2 tie, p3 R | p4 W | p5 R, p6 W | p7 R, p8 R, p9 R, p10 W
-#   longer (strong tokens): p1 R, p2 R, p3 W | p4 tie | p5 W, p6 tie | p7 R, p8 W, p9 R, p10 R
+#   longer (chars): p1 W, p2 tie, p3 R | p4 R | p5 W, p6 W | p7 R, p8 R, p9 W, p10 R
 #   strong-sum:  p1 R, p2 W, p3 R   | p4 tie | p5 R, p6 W | p7 tie, p8 W, p9 R, p10 W
 #   strong-mean: p1 R, p2 R, p3 W   | p4 tie | p5 R, p6 W | p7 R, p8 W, p9 R, p10 tie
 EXPECTED: dict[str, dict[str, Any]] = {
@@ -54,11 +54,11 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "overall": (2 / 4 + 4 / 6) / 2,  # 7/12, not the pooled 6/10
         "ties": 1,
     },
-    "longer": {  # by the strong model's tokens
-        "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 0 / 2, "s-comply": 3 / 4},
+    "longer": {  # by characters
+        "subsets": {"c-easy": 1 / 3, "c-hard": 1 / 1, "s-refuse": 0 / 2, "s-comply": 3 / 4},
         "sections": {"Chat": 2 / 4, "Safety": 3 / 6},
         "overall": 1 / 2,
-        "ties": 2,
+        "ties": 1,
     },
     "strong-sum": {
         "subsets": {"c-easy": 2 / 3, "c-hard": 0 / 1, "s-refuse": 1 / 2, "s-comply": 1 / 4},
@@ -136,7 +136,7 @@ def test_pairs_from_output(hand_output: Path) -> None:
     p1 = pairs[0]
     assert (p1.subset, p1.section, p1.domain) == ("c-easy", "Chat", "chat")
     assert p1.values["cdr-sum"] == (2.0, 1.0)
-    assert p1.values["longer"] == (5, 4)  # strong tokens
+    assert p1.values["longer"] == (10, 20)  # characters
     assert p1.values["strong-mean"] == (-2.0, -3.0)
     assert set(p1.values) == set(METHODS)
 
@@ -183,28 +183,32 @@ def test_report_matches_hand_computation(hand_output: Path) -> None:
 
 
 def test_length_strata_match_hand_computation(hand_output: Path) -> None:
-    """Strata by the strong model's tokens (chosen vs rejected), cdr-sum by hand:
-    Chat: longer p1 R, p2 W (tie) -> 1/2; shorter p3 R -> 1/1; p4 same length.
-    Safety: longer p7 R, p9 R, p10 W -> 2/3; shorter p5 R, p8 R -> 1; p6 same.
-    Overall = mean of sections: longer 7/12, shorter 1, balanced (3/4 + 5/6) / 2."""
+    """Strata by characters (chosen vs rejected), cdr-sum by hand:
+    Chat: longer p3 R, p4 W -> 1/2; shorter p1 R -> 1/1; p2 same length.
+    Safety: longer p7 R, p8 R, p10 W -> 2/3; shorter p5 R, p6 W, p9 R -> 2/3.
+    Overall = mean of sections: longer 7/12, shorter 5/6, balanced (3/4 + 2/3) / 2."""
     rep = report(pairs_from_output(hand_output), n_boot=50)
-    assert rep["length"]["pairs"] == {"longer": 5, "shorter": 3, "same": 2}
+    assert rep["length"]["pairs"] == {"longer": 5, "shorter": 4, "same": 1}
     ln = rep["methods"]["cdr-sum"]["length"]
     assert ln["sections"]["Chat"]["longer"]["acc"] == pytest.approx(1 / 2)
     assert ln["sections"]["Chat"]["shorter"]["acc"] == pytest.approx(1.0)
     assert ln["sections"]["Chat"]["balanced"]["acc"] == pytest.approx(3 / 4)
     assert ln["sections"]["Safety"]["longer"]["acc"] == pytest.approx(2 / 3)
-    assert ln["sections"]["Safety"]["balanced"]["acc"] == pytest.approx(5 / 6)
-    assert (ln["sections"]["Chat"]["longer"]["n"], ln["sections"]["Safety"]["shorter"]["n"]) == (2, 2)
+    assert ln["sections"]["Safety"]["shorter"]["acc"] == pytest.approx(2 / 3)
+    assert ln["sections"]["Safety"]["balanced"]["acc"] == pytest.approx(2 / 3)
+    assert (ln["sections"]["Chat"]["longer"]["n"], ln["sections"]["Safety"]["shorter"]["n"]) == (2, 3)
     assert ln["longer"]["acc"] == pytest.approx(7 / 12)
-    assert ln["shorter"]["acc"] == pytest.approx(1.0)
-    assert ln["balanced"]["acc"] == pytest.approx((3 / 4 + 5 / 6) / 2)
+    assert ln["shorter"]["acc"] == pytest.approx(5 / 6)
+    assert ln["balanced"]["acc"] == pytest.approx((3 / 4 + 2 / 3) / 2)
     lo, hi = ln["balanced"]["ci"]
     assert 0 <= lo <= ln["balanced"]["acc"] <= hi <= 1
     # a rule that follows length alone is 100% / 0%: 50% balanced
     lw = rep["methods"]["longer"]["length"]
     assert (lw["longer"]["acc"], lw["shorter"]["acc"], lw["balanced"]["acc"]) == (1.0, 0.0, 0.5)
-    assert rep["length"]["chosen_longer_share"]["strong_tokens"] == pytest.approx(5 / 10)
+    assert rep["length"]["strata_by"] == "characters of the response"
+    assert rep["length"]["chosen_longer_share"]["chars"] == pytest.approx(5 / 10)
+    # the token differences are reported too: strong tokens by hand
+    assert rep["length"]["mean_chosen_minus_rejected"]["strong_tokens"] == pytest.approx((1 + 5 - 6 + 0 - 1 + 0 + 4 - 3 + 1 + 5) / 10)
     assert rep["length"]["mean_chosen_minus_rejected"]["chars"] == pytest.approx((-10 + 0 + 35 + 40 - 95 - 95 + 10 + 1 - 1 + 63) / 10)
 
 
@@ -557,9 +561,9 @@ def test_paired_difference(hand_output: Path) -> None:
     assert paired_difference(b, a, n_boot=200)["diff"] == pytest.approx(-1 / 8)
     with pytest.raises(ValueError, match="same pairs"):
         paired_difference(a, a[::-1])
-    # length-balanced: flip p3 (right; Chat's only chosen-shorter pair): Chat balanced
+    # length-balanced: flip p1 (right; Chat's only chosen-shorter pair): Chat balanced
     # goes (1/2 + 1)/2 = 3/4 -> (1/2 + 0)/2 = 1/4, the overall (mean of sections) by 1/4
-    c = [replace(p, values={**p.values, MAIN: (0.0, 1.0)}) if p.id == "p3" else p for p in a]
+    c = [replace(p, values={**p.values, MAIN: (0.0, 1.0)}) if p.id == "p1" else p for p in a]
     d = paired_difference(a, c, metric="balanced", n_boot=200)
     assert d["diff"] == pytest.approx(1 / 4) and d["metric"] == "balanced"
     assert paired_difference(a, a, metric="balanced", n_boot=100)["ci"] == [0.0, 0.0]

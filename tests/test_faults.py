@@ -14,12 +14,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import os
 import random
+import re
 import resource
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -256,13 +259,17 @@ def test_interrupted_pull_leaves_nothing_present(
 
 
 class _Disk:
-    """A disk with ``left`` free bytes, shared by every file the pipeline writes
-    (output, rejects, metadata): writes past it fail with ``errno``, after
-    writing what fits, as a real full disk does."""
+    """A disk with ``left`` free bytes (None: as many as needed), shared by every file
+    the pipeline writes (output, rejects, metadata): writes past it fail with ``errno``,
+    after writing what fits, as a real full disk does.  ``writes`` logs what reached
+    the disk, write by write: (file name, bytes); ``failed`` names the file whose
+    write found the disk full first."""
 
-    def __init__(self, left: int, err: int = errno.ENOSPC) -> None:
-        self.left = left
+    def __init__(self, left: int | None = None, err: int = errno.ENOSPC) -> None:
+        self.left = sys.maxsize if left is None else left
         self.err = err
+        self.writes: list[tuple[str, int]] = []
+        self.failed: str | None = None
 
     def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if any(c in mode for c in "wax"):
@@ -274,6 +281,7 @@ class _DiskFile(io.RawIOBase):
     def __init__(self, file: Any, mode: str, disk: _Disk) -> None:
         self._f = io.FileIO(file, mode.replace("b", ""))
         self._disk = disk
+        self._name = Path(os.fsdecode(file)).name
 
     def writable(self) -> bool:
         return True
@@ -281,9 +289,11 @@ class _DiskFile(io.RawIOBase):
     def write(self, b: Any) -> int:
         n = min(len(b), self._disk.left)
         if n <= 0:
+            self._disk.failed = self._disk.failed or self._name
             raise OSError(self._disk.err, os.strerror(self._disk.err))
         n = self._f.write(bytes(memoryview(b)[:n]))
         self._disk.left -= n
+        self._disk.writes.append((self._name, n))
         return n
 
     def fileno(self) -> int:
@@ -342,7 +352,6 @@ class Scoring:
         run(self.cfg(ref), parse_line, self.task)
         self.ref = ref.read_bytes()
         self.ref_rejects = rejects_path(str(ref)).read_bytes()
-        self.written = self.ref + self.ref_rejects + 2 * meta_path(str(ref)).read_bytes()
 
     def cfg(self, out: Path, **kw: Any) -> RunConfig:
         return RunConfig(input=str(self.input), output=str(out), meta=self.meta, numerics=self.numerics, **kw)
@@ -375,38 +384,114 @@ def scoring(tiny_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     s.pair.close()
 
 
-def _budgets(total: int) -> list[int]:
-    """Free bytes at the start of a run: none, a few, and 16 spread over a whole run's writes."""
-    rng = random.Random(5)
-    return [0, 1, 100, 1000, *sorted(rng.sample(range(1000, total), 16))]
+def _kind(name: str) -> str:
+    """Which of a run's files a written file is, by its name: "output", "rejects",
+    "metadata", "card" (the dataset card), or its suffix.  A temporary file of an
+    atomic write (``.NAME.PID.RANDOM.tmp``) counts as the file it replaces."""
+    m = re.fullmatch(r"\.(.+)\.\d+\.[0-9a-f]+\.tmp", name)
+    name = m.group(1) if m else name
+    for suffix, kind in ((".meta.json", "metadata"), (".rejects.jsonl", "rejects"), (".card.md", "card"), (".jsonl", "output")):
+        if name.endswith(suffix):
+            return kind
+    return Path(name).suffix
 
 
-@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+def _tail(plan: list[tuple[str, int]]) -> int:
+    """Where the writes whose length varies between runs begin: the dataset card, then
+    the final sidecar (both hold seconds_this_run); the card is written first, so a
+    failed card leaves the sidecar saying "running"."""
+    k = max(k for k, (kind, _) in enumerate(plan) if kind == "metadata")
+    return k - 1 if k > 0 and plan[k - 1][0] == "card" else k
+
+
+def _write_plan(scoring: Scoring, out: Path) -> list[tuple[str, int]]:
+    """The writes an undisturbed run makes, in order, as (which file, bytes): measured
+    in this process, through the same patched ``open`` and with the same sidecar cadence
+    as the faulted runs, so it holds whatever this machine puts in the sidecar (paths,
+    the input checkpoint, timings)."""
+    disk = _Disk()
+    with pytest.MonkeyPatch.context() as m:
+        for mod in (P, A):
+            m.setattr(mod, "open", disk.open, raising=False)
+        run(scoring.cfg(out), parse_line, scoring.task)
+    assert out.read_bytes() == scoring.ref and disk.failed is None
+    return [(_kind(name), n) for name, n in disk.writes]
+
+
+def _budgets(plan: list[tuple[str, int]], rng: random.Random) -> list[int]:
+    """Free bytes at the start of a run, placed on the run's own writes (``plan``): none
+    and a few; for each file, exactly at the start of one of its writes (the disk is full
+    when it comes) and inside one (a torn write); the middle of the last write; and points
+    spread over the whole run: 20 in all.  The bytes before the final sidecar are the same
+    in every run and the final writes vary by a few bytes only, so with every budget before
+    the middle of the last write no run fits, on any machine."""
+    starts = list(itertools.accumulate((n for _, n in plan), initial=0))  # bytes before write k
+    last = len(plan) - 1
+    cap = starts[last] + plan[last][1] // 2
+    picks = {0, 1, 100, cap}
+    for kind in sorted({kd for kd, _ in plan[:last]}):
+        ks = [k for k, (kd, _) in enumerate(plan[:last]) if kd == kind]
+        picks.add(starts[rng.choice(ks)])
+        k = rng.choice(ks)
+        picks.add(starts[k] + rng.randrange(1, plan[k][1] // 2 + 1))
+    spread = [x for x in range(101, cap) if x not in picks]
+    picks.update(rng.sample(spread, 20 - len(picks)))
+    assert len(picks) == 20 and max(picks) == cap
+    return sorted(picks)
+
+
+@pytest.mark.parametrize(
+    ("err", "sync_seconds"),
+    [
+        pytest.param(errno.ENOSPC, 3600.0, id="ENOSPC"),
+        pytest.param(errno.EIO, 3600.0, id="EIO"),
+        # a sidecar checkpoint after every record (a slow machine's runs get some)
+        pytest.param(errno.ENOSPC, 0.0, id="ENOSPC-sync-every-record"),
+    ],
+)
 def test_full_disk_stops_cleanly_and_resumes(
-    err: int, scoring: Scoring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    err: int, sync_seconds: float, scoring: Scoring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A disk that fills up at 20 points of a run (in the output, the rejects,
-    the metadata): a one-line error, every saved line intact, resume completes."""
+    the metadata, any other file it writes): a one-line error, every saved line
+    intact, resume completes.
+
+    The points are placed on the writes the same run makes undisturbed, measured
+    first: the sidecar holds paths, timings and the input checkpoint, whose lengths
+    differ between machines.  The clock does not decide when the sidecar is
+    checkpointed (FSYNC_SECONDS is fixed), so the faulted runs make those writes."""
+    rng = random.Random(5)
+    monkeypatch.setattr(P, "FSYNC_SECONDS", sync_seconds)
+    plan = _write_plan(scoring, tmp_path / "plan.jsonl")
     outcomes = []
-    for i, free in enumerate(_budgets(len(scoring.written))):
+    budgets = _budgets(plan, rng)
+    for i, free in enumerate(budgets):
         out = tmp_path / f"o{i}.jsonl"
         disk = _Disk(free, err)
-        for mod in (P, A):  # the output and rejects; the sidecar (written atomically)
-            monkeypatch.setattr(mod, "open", disk.open, raising=False)
-        try:
-            run(scoring.cfg(out), parse_line, scoring.task)
-            pytest.fail(f"the run fit in {free} bytes")
-        except CdrError as e:
-            msg = str(e)
-            assert "\n" not in msg and os.strerror(err) in msg, msg
-            assert msg.startswith("cannot write "), msg
-            outcomes.append(msg.split(":")[0].rsplit("/", 1)[-1].split(".", 1)[1])  # which file
-        finally:
-            monkeypatch.undo()  # space is freed
+        with monkeypatch.context() as m:
+            for mod in (P, A):  # the output and rejects; the sidecar (written atomically)
+                m.setattr(mod, "open", disk.open, raising=False)
+            with pytest.raises(CdrError) as ei:
+                run(scoring.cfg(out), parse_line, scoring.task)
+                pytest.fail(f"the run fit in {free} bytes of the {sum(n for _, n in plan)} it writes")
+        # space is freed
+        msg = str(ei.value)
+        assert "\n" not in msg and os.strerror(err) in msg, msg
+        assert msg.startswith("cannot write "), msg
+        named = Path(msg[len("cannot write ") : msg.index(f": {os.strerror(err)}")])  # a file of this run
+        assert named.parent == out.parent and named.name.startswith(f"{out.stem}."), msg
+        # the run wrote what the undisturbed one writes, up to exactly the free space
+        # (the last write perhaps torn), and the error names the file that found the disk full
+        assert disk.left == 0 and disk.failed is not None and _kind(disk.failed) == _kind(named.name), (free, msg, disk.failed)
+        got = [(_kind(name), n) for name, n in disk.writes]
+        k, fixed = len(got), max(0, min(len(got) - 1, _tail(plan)))
+        assert got[:fixed] == plan[:fixed] and [kd for kd, _ in got] == [kd for kd, _ in plan[:k]], (free, got[-3:])
+        outcomes.append(_kind(named.name))
         scoring.assert_saved_prefix(out)
         scoring.assert_resumes(out)
-    # the faults hit the metadata, the output and the rejects file
-    assert set(outcomes) == {"jsonl.meta.json", "jsonl", "rejects.jsonl"}, outcomes
+    print(f"{len(plan)} writes, {sum(n for _, n in plan)} bytes; faults at", list(zip(budgets, outcomes, strict=True)))
+    # the faults hit every file the run writes: the metadata, the output, the rejects file
+    assert set(outcomes) == {kind for kind, _ in plan} >= {"metadata", "output", "rejects"}, outcomes
 
 
 @pytest.mark.parametrize("kind", ["mount", "folder"])
@@ -454,10 +539,25 @@ def test_lines_are_fsynced_as_they_go(scoring: Scoring, tmp_path: Path, monkeypa
     """Against a power cut: finished lines reach the disk at most FSYNC_SECONDS apart;
     an fsync that fails (EIO: the disk is going) stops the run like a failed write."""
     calls: list[int] = []
+    at: list[int] = []  # records scored when each fsync came
     real_fsync = os.fsync
+
+    class Counting:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(scoring.task, name)
+
+        def process(self, item: Any) -> Any:
+            self.n += 1
+            return scoring.task.process(item)
+
+    counting = Counting()
 
     def fsync(fd: int) -> None:
         calls.append(fd)
+        at.append(counting.n)
         if fail_at and len(calls) == fail_at:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_fsync(fd)
@@ -470,8 +570,10 @@ def test_lines_are_fsynced_as_they_go(scoring: Scoring, tmp_path: Path, monkeypa
     assert len(calls) >= s.done  # after every record (and at open and close)
     monkeypatch.setattr(P, "FSYNC_SECONDS", 3600.0)
     calls.clear()
-    run(scoring.cfg(tmp_path / "once.jsonl"), parse_line, scoring.task)
-    assert len(calls) <= 6  # only with the metadata and at close
+    at.clear()
+    counting = Counting()
+    run(scoring.cfg(tmp_path / "once.jsonl"), parse_line, counting)
+    assert counting.n >= 3 and set(at) <= {0, counting.n}, at  # only at open and at close, none in between
     monkeypatch.setattr(P, "FSYNC_SECONDS", 0.0)
     calls.clear()
     fail_at = 6
@@ -510,8 +612,13 @@ def test_cli_write_failure_is_one_line_and_resumable(tiny_registry: Path, tmp_pa
     ref = tmp_path / "ref.jsonl"
     assert cdr(*args, "-o", ref).returncode == 0
     ref_bytes = ref.read_bytes()
-    meta_size = meta_path(str(ref)).stat().st_size
-    for limit in (0, meta_size + 10, meta_size + len(ref_bytes) // 3, meta_size + 2 * len(ref_bytes) // 3):
+    # RLIMIT_FSIZE limits each file: from ``fits`` on the sidecar fits (it holds paths,
+    # so its size follows the machine's; seconds_this_run moves it a few bytes) and the
+    # output stops at a third of the way through what remains of it, or more
+    fits = meta_path(str(ref)).stat().st_size + 64
+    longest = max(map(len, ref_bytes.splitlines(keepends=True)))
+    assert len(ref_bytes) - fits > 3 * longest, (len(ref_bytes), fits, longest)  # three cuts, in three lines
+    for limit in (0, *(fits + k * (len(ref_bytes) - fits) // 3 for k in range(3))):
         out = tmp_path / f"o{limit}.jsonl"
         p = subprocess.run(
             [*CDR, *map(str, args), "-o", str(out)], env=_env(), capture_output=True, text=True,
@@ -531,7 +638,10 @@ def test_cli_write_failure_is_one_line_and_resumable(tiny_registry: Path, tmp_pa
 # Chat templates inside GGUF files are untrusted code
 # ---------------------------------------------------------------------------
 
-MARKER = "/tmp/cdr-test-template-escaped"
+# where an escaped template would leave a file; unique per test run, so neither an
+# earlier run nor another user of a shared /tmp decides the outcome (and no quoting:
+# the name goes into a shell command inside a template string)
+MARKER = f"/tmp/cdr-test-template-escaped-{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}"
 HOSTILE_GGUF_TEMPLATES = {
     "read-file": "{{ open('/etc/passwd').read() }}",
     "include-file": "{% include '/etc/passwd' %}",

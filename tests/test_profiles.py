@@ -57,7 +57,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_shipped_profiles() -> None:
-    assert shipped_profiles() == ["cdr", "cdr-fewshot", "none"]
+    assert shipped_profiles() == ["cdr", "cdr-fewshot", "cdr-paper", "none"]
     for n in shipped_profiles():
         assert load_profile(n).name == n
 
@@ -247,11 +247,11 @@ def test_extends_loop(_hermetic_home: Path) -> None:
 def test_unknown_profile_lists_shipped_ones(_hermetic_home: Path) -> None:
     with pytest.raises(ConfigError) as ei:
         load_profile("nope")
-    assert str(ei.value) == "unknown profile 'nope'; shipped: cdr, cdr-fewshot, none"
+    assert str(ei.value) == "unknown profile 'nope'; shipped: cdr, cdr-fewshot, cdr-paper, none"
     _write(_hermetic_home / "profiles" / "mine.toml", '[domains.a]\nsystem = "A"\n')
     with pytest.raises(ConfigError) as ei:
         load_profile("nope")
-    assert str(ei.value) == "unknown profile 'nope'; shipped: cdr, cdr-fewshot, none; yours: mine"
+    assert str(ei.value) == "unknown profile 'nope'; shipped: cdr, cdr-fewshot, cdr-paper, none; yours: mine"
     with pytest.raises(ConfigError, match="unknown profile"):
         load_profile(str(_hermetic_home / "missing.toml"))
     _write(

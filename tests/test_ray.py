@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def _node_env(home: Path, wheels: Path) -> Iterator[None]:
     saved = dict(os.environ)
     os.environ.update(LOOPBACK)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(REPO), saved.get("PYTHONPATH", "")) if p)
-    os.environ["CDR_PIP_ARGS"] = f"--no-index --find-links {wheels}"
+    os.environ["CDR_PIP_ARGS"] = f"--no-index --find-links {shlex.quote(str(wheels))}"
     os.environ["CDR_HOME"] = str(home)
     try:
         yield
@@ -236,7 +237,8 @@ def test_ray_eval_equals_local(cluster: str, ray_input: Path, reference: dict[st
 @pytest.mark.ray
 @pytest.mark.parametrize("fault", ["actor", "node"])
 def test_fault_mid_run(
-    fault: str, ray_cluster: Any, ray_input: Path, reference: dict[str, Any], tiny_registry: Path, wheels: Path, tmp_path: Path
+    fault: str, ray_cluster: Any, node_homes: list[Path], ray_input: Path, reference: dict[str, Any], tiny_registry: Path,
+    wheels: Path, tmp_path: Path,
 ) -> None:
     """SIGKILL one actor process while it scores, or lose a whole node: its partitions
     go to the live actors, and the output is whole, duplicate-free and the same."""
@@ -269,7 +271,7 @@ def test_fault_mid_run(
                     ray_cluster.remove_node(extra, allow_graceful=False)
                     done.append("node removed")
                 else:
-                    for pid in _actor_pids()[:1]:
+                    for pid in _actor_pids(node_homes)[:1]:
                         os.kill(pid, signal.SIGKILL)
                         done.append(f"actor {pid} killed")
             time.sleep(0.01)
@@ -293,15 +295,21 @@ def test_fault_mid_run(
         assert info["actors_lost"] >= 1
 
 
-def _actor_pids() -> list[int]:
+def _actor_pids(homes: list[Path]) -> list[int]:
+    """Scoring actors of this test's cluster: named so by Ray, and started on one of its
+    nodes (whose CDR_HOME they inherit), never those of another run on the machine."""
+    marks = {b"CDR_HOME=" + os.fsencode(h) for h in homes}
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 cmd = (d / "cmdline").read_bytes()
+                if not cmd.startswith(b"ray::PartitionScorer.score"):
+                    continue
+                env = set((d / "environ").read_bytes().split(b"\0"))
             except OSError:
                 continue
-            if cmd.startswith(b"ray::PartitionScorer.score"):
+            if env & marks:
                 pids.append(int(d.name))
     return pids
 
@@ -390,7 +398,7 @@ def test_each_node_pulls_the_models(
     reg.write_text(tiny_registry.read_text() + PULLED_SPEC.format(sha=sha))
     for h in node_homes:
         assert not list(h.glob("models/pulled-*.gguf"))
-    env_pip = {"CDR_PIP_ARGS": f"--no-index --find-links {wheels}"}
+    env_pip = {"CDR_PIP_ARGS": f"--no-index --find-links {shlex.quote(str(wheels))}"}
     ref = tmp_path / "local.jsonl"
     p = _cdr_env(env_pip, *_annotate_args(ray_input, ref, reg, "--pair", "pulled", "--limit", "20"))
     assert p.returncode == 0, p.stderr

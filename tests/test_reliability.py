@@ -75,7 +75,7 @@ def _args(command: str, inp: Path, out: Path, reg: Path) -> list[Any]:
         "annotate": [],
         "eval": ["--bootstrap", 200],
         "pairs": ["--strategy", "real-easy", "--pair", "tiny"],
-        "synth": ["--max-tokens", 24, "--verify", "tiny"],
+        "synth": ["--max-tokens", 24, "--verify", "tiny", "--template", "rewrite"],
     }[command]
     return [command, inp, "-o", out, "--models", reg, "--threads", 1, "-q", *extra]
 

@@ -1,4 +1,4 @@
-"""Routers (keywords, model, none), the documented classification prompt, and
+"""Routers (keywords, model, answer, none), the documented classification prompt, and
 the annotate task's use of the routed / given domain -- on tiny GGUF models
 with real llama.cpp."""
 
@@ -21,11 +21,15 @@ from cdr_local.pipeline import RecordError, RunConfig, rejects_path, run
 from cdr_local.profiles import Profile, load_profile, profile_messages
 from cdr_local.records import Record, parse_line
 from cdr_local.router import (
+    ANSWER_MAX_TOKENS,
     MAX_ROUTER_CHARS,
+    AnswerRouter,
     KeywordRouter,
     ModelRouter,
     NoneRouter,
+    answer_messages,
     classification_messages,
+    parse_answer,
     prompt_text,
 )
 
@@ -311,3 +315,85 @@ def test_pipeline_given_and_bad_domains(
         ("r1", router.route(user(PROMPTS[2])), "model"),
     ]
     assert len(rejects) == 1 and rejects[0]["line"] == 2 and "poetry" in rejects[0]["reason"]
+
+
+# ---------------------------------------------------------------------------
+# the answer router (the CDR authors' [START]/[END] router) and cdr-paper
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paper() -> Profile:
+    return load_profile("cdr-paper")
+
+
+def test_make_router_answer(pair: LoadedPair, paper: Profile) -> None:
+    r = make_router("answer", paper, pair)
+    assert isinstance(r, AnswerRouter) and r.name == "answer" and r.labels == ["SAFETY", "REASONING", "CHAT"]
+    assert r.side is pair.router_side() and r.max_tokens == ANSWER_MAX_TOKENS
+    assert isinstance(make_router(None, paper, pair), ModelRouter)  # the default stays the model router
+
+
+def test_answer_router_generates_greedily_and_parses(pair: LoadedPair, paper: Profile, tmp_path: Path) -> None:
+    side = pair.router_side()
+    m = side.model
+    # the authors' prompt is longer than the tiny model's 512-token context: no room to answer, the fallback
+    full = AnswerRouter(paper, side)
+    assert len(side.context_tokens(answer_messages(paper, user(PROMPTS[0])))) >= m.n_ctx
+    assert full.answer(user(PROMPTS[0])) == "" and full.route(user(PROMPTS[0])) == "CHAT"
+    # a shorter router prompt (same recipe otherwise) fits: a real greedy answer, parsed
+    short = _profile(tmp_path, 'extends = "cdr-paper"\nrouter_prompt = "Classify as SAFETY, REASONING or CHAT. '
+                               'Wrap your output in [START] and [END]."\n')
+    r = AnswerRouter(short, side)
+    for p in PROMPTS:
+        text = r.answer(user(p))
+        # independently: the router prompt, the conversation, a greedy decode
+        ctx = side.context_tokens(answer_messages(short, user(p)))
+        assert len(ctx) + ANSWER_MAX_TOKENS < m.n_ctx
+        toks = m.generate(tuple(ctx), max_tokens=ANSWER_MAX_TOKENS, temperature=0.0, seed=123)
+        assert text and text == m.detokenize(toks[:-1] if m.is_eog(toks[-1]) else toks)
+        d = r.route(user(p))
+        assert d == parse_answer(text, r.labels, "CHAT") and d in short.domains
+        assert r.route(user(p)) == d and r.answer(user(p)) == text  # deterministic
+    long = user("the sea " * (m.n_ctx * 2))
+    assert r.answer(long) == "" and r.route(long) == "CHAT"
+
+
+def test_pipeline_with_the_answer_router(
+    pair: LoadedPair, paper: Profile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cdr-paper end to end on the tiny pair: the answer decides the domain, the domain
+    decides what both models read (an empty system message and the drawn exemplar in
+    the user turn for SAFETY / REASONING; the record as given for CHAT)."""
+    router = AnswerRouter(paper, pair.router_side())
+    answers = {PROMPTS[0]: "[START] CHAT [END]", PROMPTS[1]: "[START] SAFETY [END]",
+               PROMPTS[2]: "Category: [START] REASONING [END]", PROMPTS[3]: "poetry, I think"}
+    monkeypatch.setattr(router, "answer", lambda msgs: answers[msgs[-1].content])
+    lines = [
+        {"id": f"a{i}", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}],
+         "chosen": "Yes.", "rejected": "No."}
+        for i, p in enumerate(PROMPTS)
+    ]
+    out, rejects = _run(pair, AnnotateTask(pair, paper, router), lines, tmp_path)
+    assert rejects == []
+    assert [(o["domain"], o["domain_source"]) for o in out] == [
+        ("CHAT", "answer"), ("SAFETY", "answer"), ("REASONING", "answer"), ("CHAT", "answer")]
+    for o, line in zip(out, lines, strict=True):
+        rec = _rec(line)
+        msgs = profile_messages(paper, o["domain"], rec.messages, rec.id)
+        if o["domain"] == "CHAT":
+            assert msgs == list(rec.messages)
+        else:
+            assert msgs[0] == Message("system", "") and msgs[1].content.endswith("\nGood Assistant:")
+        want = pair.score(msgs, rec.responses)
+        assert [s["reward"] for s in o["scores"]] == pytest.approx([w.reward for w in want], abs=1e-6)
+    # the record's own domain field still wins; the exemplar drawn depends on the record id
+    line = {"prompt": PROMPTS[2], "chosen": "x = 5", "rejected": "x = 4", "domain": "REASONING"}
+    obj, _ = AnnotateTask(pair, paper, router).process(_rec({"id": "x", **line}))
+    assert obj["domain_source"] == "input"
+    d = paper.domains["REASONING"]
+    other = next(f"y{i}" for i in range(1000) if d.draw(f"y{i}") != d.draw("x"))
+    obj2, _ = AnnotateTask(pair, paper, router).process(_rec({"id": other, **line}))
+    assert obj2["scores"][0]["strong_logprob"] != pytest.approx(obj["scores"][0]["strong_logprob"], abs=1e-6)
+    again, _ = AnnotateTask(pair, paper, router).process(_rec({"id": "x", **line}))
+    assert again["scores"] == obj["scores"]  # the same id, the same exemplar, the same numbers

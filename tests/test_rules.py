@@ -39,8 +39,8 @@ def test_rule_values_by_hand() -> None:
         "strong-mean": (-2.0, -1.5),
         "weak-sum": (-14.0, -40.0),
         "weak-mean": (-3.5, -1.6),
-        "longer": (5.0, 20.0),
-        "shorter": (-5.0, -20.0),
+        "longer": (30.0, 90.0),
+        "shorter": (-30.0, -90.0),
     }
     assert set(want) == set(RULES)
     for name, (va, vb) in want.items():

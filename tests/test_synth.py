@@ -1,7 +1,8 @@
 """``cdr synth`` (RMBoost) on tiny GGUF models, with real llama.cpp.
 
 Sampling (``_sample``), generation (``LlamaModel.generate``), the conditioning
-prompt against the shipped ``synth.toml``, template validation, the CLI
+prompt against the shipped templates (``rewrite`` by name; ``rmboost``, the default: tags,
+retries), template validation, the CLI
 (reruns, ``--verify``, ``--keep agree``, rejects) and SIGKILL + ``--resume``.
 """
 
@@ -28,18 +29,22 @@ from cdr_local.chat import Message
 from cdr_local.engine import EngineSettings, ScoreRequest
 from cdr_local.engine.llama import LlamaModel, _sample
 from cdr_local.errors import ConfigError
+from cdr_local.pipeline import RecordError
 from cdr_local.records import Record, Reject, parse_prompt_line
 from cdr_local.scoring import ChatSide
 from cdr_local.synth import (
-    SHIPPED_TEMPLATES,
     SynthTask,
     SynthTemplates,
     conditioning_messages,
     draw,
+    extract_tagged,
     gen_seed,
     load_templates,
     prompt_text,
     response1_messages,
+    response2_seed,
+    shipped_templates,
+    template_path,
 )
 
 if sys.version_info >= (3, 11):
@@ -47,6 +52,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+# the tests below are written for the `rewrite` template (the default before `rmboost`), by name
+SHIPPED_TEMPLATES = template_path("rewrite")
 SHIPPED_TEXT = SHIPPED_TEMPLATES.read_text(encoding="utf-8")
 SHIPPED: dict[str, Any] = tomllib.loads(SHIPPED_TEXT)
 SETTINGS = EngineSettings(n_ctx=512, n_batch=64, n_ubatch=64, n_threads=1)
@@ -248,7 +255,7 @@ PLACEHOLDER = re.compile(r"\{(prompt|response1|direction|aspects)\}")
 
 
 def expected_user(prompt: str, response1: str, label: str, aspects: list[str]) -> str:
-    """The documented conditioning user message, from the shipped synth.toml text (one pass)."""
+    """The documented conditioning user message, from the shipped rewrite.toml text (one pass)."""
     values = {
         "prompt": prompt,
         "response1": response1,
@@ -259,7 +266,7 @@ def expected_user(prompt: str, response1: str, label: str, aspects: list[str]) -
 
 
 def test_shipped_templates_load() -> None:
-    t = load_templates()
+    t = load_templates("rewrite")
     assert t.aspects == tuple(SHIPPED["aspects"]) and t.n_aspects == SHIPPED["n_aspects"]
     assert (t.response_system, t.conditioning_system, t.conditioning_user) == (
         SHIPPED["response_system"],
@@ -285,7 +292,7 @@ def test_shipped_templates_load() -> None:
     ],
 )
 def test_conditioning_messages(label: str, aspects: list[str]) -> None:
-    t = load_templates()
+    t = load_templates("rewrite")
     prompt = "Why is the sky blue? {direction} stays literal"
     r1 = "Because of {aspects} and {{braces}}, }{ and\nRayleigh scattering."
     msgs = conditioning_messages(t, prompt, r1, label, aspects)
@@ -315,7 +322,7 @@ def test_conditioning_messages(label: str, aspects: list[str]) -> None:
 
 @pytest.mark.parametrize("n_aspects", [1, 2, 3])
 def test_draw_is_seeded_per_record(n_aspects: int) -> None:
-    t = dataclasses.replace(load_templates(), n_aspects=n_aspects)
+    t = dataclasses.replace(load_templates("rewrite"), n_aspects=n_aspects)
     labels: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     changed = 0
@@ -352,7 +359,7 @@ def test_task_reproducible_and_conditioned(
         return orig(messages)
 
     monkeypatch.setattr(side, "context_tokens", spy)
-    t = dataclasses.replace(load_templates(), n_aspects=2)
+    t = dataclasses.replace(load_templates("rewrite"), n_aspects=2)
     rec = _task_record(
         {
             "id": "q1",
@@ -389,7 +396,7 @@ def test_task_reproducible_and_conditioned(
         "response_2": gen_seed("q1", 3, "r2"),
         "label": 3,
     }
-    assert obj["tag"] == 7 and obj["margin"] is None and "verify" not in obj
+    assert obj["tag"] == 7 and obj["margin"] is None and "verify" not in obj and obj["retries"] == 0
     assert 2 <= stats["tokens"] <= 32
     # seeded: the same again (also on a cold context), another seed differs
     assert task.process(rec)[0] == obj
@@ -586,6 +593,7 @@ def _synth_args(inp: Path, out: Path, reg: Path, *extra: Any) -> list[Any]:
         "--threads",
         1,
         "--quiet",
+        *([] if "--templates" in extra else ["--template", "rewrite"]),  # the tests' template, by name
         *extra,
     ]
 
@@ -643,7 +651,7 @@ def test_cli_rerun_is_byte_identical(cli_runs: dict[str, Any]) -> None:
 
 
 def test_cli_rows(cli_runs: dict[str, Any]) -> None:
-    t = load_templates()
+    t = load_templates("rewrite")
     rows = jsonl(cli_runs["plain"][0])
     inputs = {
         str(o["id"]): o
@@ -790,6 +798,213 @@ def test_cli_user_errors(tiny_registry: Path, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# the rmboost template (the default): guideline, edit, <response> tags, retries
+# ---------------------------------------------------------------------------
+
+RMBOOST_PATH = template_path("rmboost")
+RMBOOST_TEXT = RMBOOST_PATH.read_text(encoding="utf-8")
+RMBOOST: dict[str, Any] = tomllib.loads(RMBOOST_TEXT)
+ALL_PLACEHOLDERS = re.compile(r"\{(prompt|response1|direction|aspects|guideline)\}")
+
+
+def test_rmboost_is_the_default() -> None:
+    assert shipped_templates() == ["rewrite", "rmboost"]
+    t = load_templates()
+    assert Path(t.path) == RMBOOST_PATH == template_path() and load_templates("rmboost") == t
+    assert load_templates(RMBOOST_PATH) == t and load_templates(str(RMBOOST_PATH)) == t
+    # a guideline of defined aspects, several per pair, an answer in tags, bounded retries
+    assert t.aspects == tuple(a["name"] for a in RMBOOST["aspects"]) and len(t.aspects) >= 5
+    assert t.definitions == tuple(a["definition"] for a in RMBOOST["aspects"]) and all(t.definitions)
+    assert 2 <= t.n_aspects < len(t.aspects)
+    assert (t.response_tag, t.retries, t.better, t.worse) == ("response", 3, "better", "worse")
+    rewrite = load_templates("rewrite")
+    assert (rewrite.response_tag, rewrite.retries, rewrite.definitions) == ("", 0, ("",) * 5)
+    with pytest.raises(ConfigError, match="unknown synth template 'rmbost'; shipped: rewrite, rmboost"):
+        load_templates("rmbost")
+
+
+@pytest.mark.parametrize("label", ["better", "worse"])
+def test_rmboost_conditioning_prompt(label: str) -> None:
+    t = load_templates()
+    label_, aspects = draw("rec-7", 0, t)
+    assert len(aspects) == t.n_aspects == len(set(aspects))
+    prompt = "Why is the sky blue? {guideline} stays literal"
+    r1 = "Because of {aspects} and\nRayleigh scattering."
+    msgs = conditioning_messages(t, prompt, r1, label, aspects)
+    defs = dict(zip(t.aspects, t.definitions, strict=True))
+    guideline = "\n".join(f"- {a}: {defs[a]}" for a in aspects)
+    values = {"prompt": prompt, "response1": r1, "direction": RMBOOST[label],
+              "aspects": " and ".join(aspects), "guideline": guideline}
+    user = ALL_PLACEHOLDERS.sub(lambda mo: values[mo.group(1)], RMBOOST["conditioning_user"])
+    assert msgs == [Message("system", RMBOOST["conditioning_system"]), Message("user", user)]
+    text = msgs[1].content
+    # response 1 in tags, the guideline (name: definition, in drawn order), the edit instruction
+    assert f"<response>\n{r1}\n</response>" in text
+    assert f"Guideline:\n{guideline}\n\n" in text
+    assert f"Edit the response so that the edited response is {label} than the given response on each aspect of the guideline." in text
+    assert "between <response> and </response> tags" in text
+
+
+def _scripted(task: SynthTask, outputs: list[str], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Replace the generator with a script; returns the seeds it was called with."""
+    seeds: list[int] = []
+    it = iter(outputs)
+
+    def fake(messages: list[Message], seed: int) -> tuple[str, int]:
+        seeds.append(seed)
+        return next(it).strip(), 5
+
+    monkeypatch.setattr(task, "_generate", fake)
+    return seeds
+
+
+@pytest.fixture()
+def rm_task(tiny_model: LlamaModel) -> SynthTask:
+    return SynthTask(ChatSide(tiny_model, system=None, fallback_template=None), load_templates(), seed=9)
+
+
+REC = {"id": "q7", "prompt": "What is the capital of France?"}
+
+
+def test_rmboost_takes_the_edit_from_the_tags(rm_task: SynthTask, monkeypatch: pytest.MonkeyPatch) -> None:
+    seeds = _scripted(rm_task, ["Paris.", "Sure! <response>\n Paris is the capital of France. \n</response> Hope that helps."], monkeypatch)
+    obj, stats = rm_task.process(_task_record(REC))
+    assert obj["response_1"] == "Paris." and obj["response_2"] == "Paris is the capital of France."
+    assert obj["retries"] == 0 and stats["tokens"] == 10
+    assert seeds == [gen_seed("q7", 9, "r1"), gen_seed("q7", 9, "r2")]
+    assert obj["seeds"] == {"response_1": seeds[0], "response_2": seeds[1], "label": 9}
+    label, aspects = draw("q7", 9, rm_task.t)
+    assert (obj["label"], obj["aspects"]) == (label, aspects)
+    assert (obj["chosen"], obj["rejected"]) == ((obj["response_2"], "Paris.") if label == "better" else ("Paris.", obj["response_2"]))
+
+
+def test_rmboost_retries_an_unchanged_edit(rm_task: SynthTask, monkeypatch: pytest.MonkeyPatch) -> None:
+    outs = ["Paris.", "<response>Paris.</response>", "<response> Paris. </response>", "<response>It is Paris.</response>"]
+    seeds = _scripted(rm_task, outs, monkeypatch)
+    obj, stats = rm_task.process(_task_record(REC))
+    assert obj["response_2"] == "It is Paris." and obj["retries"] == 2 and stats["tokens"] == 20
+    # each retry has its own seed, derived from the record id, the global seed and the attempt
+    assert seeds == [gen_seed("q7", 9, "r1")] + [response2_seed("q7", 9, k) for k in range(3)]
+    assert seeds[1:] == [gen_seed("q7", 9, "r2"), gen_seed("q7", 9, "r2.1"), gen_seed("q7", 9, "r2.2")]
+    assert len(set(seeds)) == 4 and obj["seeds"]["response_2"] == seeds[3]
+    # the label and the aspects do not change between attempts
+    assert (obj["label"], obj["aspects"]) == draw("q7", 9, rm_task.t)
+
+
+def test_rmboost_skips_after_the_retries(rm_task: SynthTask, monkeypatch: pytest.MonkeyPatch) -> None:
+    seeds = _scripted(rm_task, ["Paris."] + ["<response>Paris.</response>"] * 4, monkeypatch)
+    with pytest.raises(RecordError) as ei:
+        rm_task.process(_task_record(REC))
+    assert str(ei.value) == "skipped: response 2 is identical to response 1 (also after 3 retries)"
+    assert len(seeds) == 1 + 1 + 3  # response 1, then the first edit and 3 retries: bounded
+    assert ei.value.detail == dict(zip(("label", "aspects"), draw("q7", 9, rm_task.t), strict=True))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["Paris is the capital.", "<response>Paris is the capital.", "Paris</response>", "<Response>Paris</Response>", ""],
+)
+def test_rmboost_rejects_an_edit_without_tags(edit: str, rm_task: SynthTask, monkeypatch: pytest.MonkeyPatch) -> None:
+    seeds = _scripted(rm_task, ["Paris.", edit, "<response>never read</response>"], monkeypatch)
+    with pytest.raises(RecordError) as ei:
+        rm_task.process(_task_record(REC))
+    assert str(ei.value) == "skipped: no <response> tags in the generation"
+    assert len(seeds) == 2  # no retry for a malformed answer
+    assert ei.value.detail is not None and ei.value.detail["generation"] == edit and ei.value.detail["attempt"] == 0
+
+
+def test_rmboost_empty_edit(rm_task: SynthTask, monkeypatch: pytest.MonkeyPatch) -> None:
+    _scripted(rm_task, ["Paris.", "<response> \n </response>"], monkeypatch)
+    with pytest.raises(RecordError, match="^skipped: response 2 came out empty$"):
+        rm_task.process(_task_record(REC))
+
+
+def test_rewrite_has_no_tags_and_no_retry(tiny_model: LlamaModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = SynthTask(ChatSide(tiny_model, system=None, fallback_template=None), load_templates("rewrite"), seed=9)
+    seeds = _scripted(task, ["Paris.", "Paris.", "unused"], monkeypatch)
+    with pytest.raises(RecordError) as ei:
+        task.process(_task_record(REC))
+    assert str(ei.value) == "skipped: response 2 is identical to response 1" and len(seeds) == 2
+    _scripted(task, ["Paris.", "<response>Rome.</response>"], monkeypatch)
+    obj, _ = task.process(_task_record(REC))
+    assert obj["response_2"] == "<response>Rome.</response>" and obj["retries"] == 0  # taken whole
+
+
+def test_extract_tagged() -> None:
+    assert extract_tagged("a <response> b </response> c", "response") == "b"
+    assert extract_tagged("<response>x</response><response>y</response>", "response") == "x"
+    assert extract_tagged("</response> <response>x</response>", "response") == "x"
+    assert extract_tagged("<response></response>", "response") == ""
+    assert extract_tagged("<response>x", "response") is None
+    assert extract_tagged("x</response>", "response") is None
+    assert extract_tagged("<answer>x</answer>", "answer") == "x"
+
+
+RM_BAD: dict[str, tuple[Callable[[str], str], str]] = {
+    "tag": (lambda s: s.replace('response_tag = "response"', 'response_tag = "<response>"'), "response_tag must be a tag name"),
+    "tag-type": (lambda s: s.replace('response_tag = "response"', "response_tag = 1"), "response_tag must be a string"),
+    "retries-neg": (lambda s: s.replace("retries = 3", "retries = -1"), "retries must be between 0 and 10"),
+    "retries-big": (lambda s: s.replace("retries = 3", "retries = 11"), "retries must be between 0 and 10"),
+    "retries-bool": (lambda s: s.replace("retries = 3", "retries = true"), "retries must be between 0 and 10"),
+    "no-definition": (lambda s: s.replace('{ name = "relevance", definition = "Every part', '{ name = "relevance", defn = "Every part'),
+                      "aspects must be a non-empty list of strings or of {name, definition} tables"),
+    "empty-definition": (lambda s: re.sub(r'definition = "Facts[^"]*"', 'definition = " "', s), "aspects must be"),
+    "dup": (lambda s: s.replace('name = "clarity"', 'name = "accuracy"'), "aspects must be distinct"),
+    "no-aspects": (lambda s: s.replace("{guideline}", "the guideline"), "conditioning_user must contain {aspects} or {guideline}"),
+    "n-too-many": (lambda s: s.replace("n_aspects = 3", "n_aspects = 8"), "n_aspects must be between 1 and 7"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RM_BAD))
+def test_bad_rmboost_templates(case: str, tmp_path: Path) -> None:
+    edit, needle = RM_BAD[case]
+    text = edit(RMBOOST_TEXT)
+    assert text != RMBOOST_TEXT
+    p = tmp_path / "t.toml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as ei:
+        load_templates(p)
+    assert needle in str(ei.value) and "\n" not in str(ei.value) and str(p) in str(ei.value), str(ei.value)
+
+
+def test_mixed_aspects_and_guideline_only(tmp_path: Path) -> None:
+    # bare names and defined aspects mix; {guideline} alone (without {aspects}) is enough
+    text = re.sub(r"aspects = \[.*?\n\]", 'aspects = ["tone", { name = "accuracy", definition = "Correct." }]', RMBOOST_TEXT, flags=re.S)
+    text = text.replace("n_aspects = 3", "n_aspects = 2")
+    assert "{aspects}" not in tomllib.loads(text)["conditioning_user"]
+    p = tmp_path / "mixed.toml"
+    p.write_text(text, encoding="utf-8")
+    t = load_templates(p)
+    assert t.aspects == ("tone", "accuracy") and t.definitions == ("", "Correct.")
+    assert t.guideline(["accuracy", "tone"]) == "- accuracy: Correct.\n- tone"
+
+
+def test_cli_default_is_rmboost(tiny_registry: Path, tmp_path: Path) -> None:
+    """The tiny model writes no <response> tags: with the default template every pair is
+    skipped with the tags reason; `--template rewrite` keeps the earlier behaviour.
+    (--n-ctx 2048: the tiny model's byte-level tokenizer needs more than 512 tokens for
+    the rmboost prompt.)"""
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(CLI_PROMPTS[0] + b"\n" + CLI_PROMPTS[1] + b"\n")
+    out = tmp_path / "out.jsonl"
+    base = ["synth", inp, "-o", out, "--models", tiny_registry, "--max-tokens", 16, "--threads", 1, "--quiet", "--n-ctx", 2048]
+    p = cdr(*base, home=tmp_path / "h")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    rej = jsonl(_rejects(out).read_bytes())
+    assert [r["reason"] for r in rej] == ["skipped: no <response> tags in the generation"] * 2
+    assert all(set(r["detail"]) == {"label", "aspects", "attempt", "generation"} and len(r["detail"]["aspects"]) == 3 for r in rej)
+    meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
+    assert meta["generation"]["templates"] == str(RMBOOST_PATH)
+    p = cdr(*base, "--template", "rewrite", "--overwrite", home=tmp_path / "h")
+    assert p.returncode == 0, p.stderr
+    assert [r["retries"] for r in jsonl(out.read_bytes())] == [0, 0]
+    line = assert_user_error(cdr(*base, "--template", "rewrite", "--templates", SHIPPED_TEMPLATES, "--overwrite", home=tmp_path / "h"))
+    assert "--template and --templates" in line
+    line = assert_user_error(cdr(*base, "--template", "nope", "--overwrite", home=tmp_path / "h"))
+    assert "unknown synth template 'nope'; shipped: rewrite, rmboost" in line
+
+
+# ---------------------------------------------------------------------------
 # SIGKILL at several points, then --resume
 # ---------------------------------------------------------------------------
 
@@ -839,6 +1054,8 @@ def _kill_args(inp: Path, out: Path, reg: Path, *extra: str) -> list[Any]:
         "--verify",
         "tiny",
         "-q",
+        "--template",
+        "rewrite",
         *extra,
     ]
 

@@ -18,6 +18,7 @@ from .options import (
     NCtxOpt,
     NoPullOpt,
     NUbatchOpt,
+    PairChoice,
     PairOpt,
     ParallelOpt,
     ProfileOpt,
@@ -26,7 +27,11 @@ from .options import (
     RayPartitionOpt,
     RouterOpt,
     RuleOpt,
+    StrongOpt,
+    StrongSystemOpt,
     ThreadsOpt,
+    WeakOpt,
+    WeakSystemOpt,
 )
 
 if TYPE_CHECKING:
@@ -84,7 +89,7 @@ class ScoringSpec:
             raise
 
 
-def run_scoring(command: str, input: str, output: str, pair: str | None, models: Path | None, profile: str, router: str | None,
+def run_scoring(command: str, input: str, output: str, pair: str | PairChoice | None, models: Path | None, profile: str, router: str | None,
                 resume: bool, overwrite: bool, force: bool, rejects: str | None, limit: int | None, quiet: bool, plain: bool,
                 overrides: dict[str, Any], no_pull: bool, select: list[int] | None = None, ray: RayOptions | None = None,
                 *, token_logprobs: bool = False, also_writes: tuple[tuple[str, str], ...] = (), rule: str | None = None,
@@ -92,15 +97,17 @@ def run_scoring(command: str, input: str, output: str, pair: str | None, models:
     """The shared body of annotate and eval: pair + profile + router through the pipeline (on Ray with ``ray``).
 
     Everything that needs no model (files, flags, the resume checks that read
-    only the sidecar and the input) is checked before the pair is loaded.
+    only the sidecar and the input, the registry and the pair, --strong/--weak
+    included) is checked before the pair is loaded.
     """
-    from ..models import load_registry
     from ..pipeline import RunConfig, preflight, run
     from ..profiles import load_profile
     from ..records import parse_line
     from ..ui import RunDisplay
-    from .options import engine_settings
+    from .options import engine_settings, pair_choice, registry_and_pair
 
+    choice = pair_choice(pair)
+    choice.check()
     if limit is not None and limit < 0:
         from ..errors import CdrError
 
@@ -111,7 +118,7 @@ def run_scoring(command: str, input: str, output: str, pair: str | None, models:
     from ..calibration import labelling
 
     prof = load_profile(profile)
-    reg = load_registry(models)
+    reg, pair = registry_and_pair(models, choice)
     cal = labelling(reg, pair, rule, calibration, min_confidence, keep_top, cfg)
     spec = ScoringSpec(reg, pair, engine_settings(reg, overrides), prof, router, not no_pull, token_logprobs, rule, cal)
     display = RunDisplay(f"{command} [{reg.pair(pair).name}/{prof.name}]", quiet=quiet, plain=True if plain else None)
@@ -132,6 +139,10 @@ def annotate(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Output JSONL ('-' for stdout). Sidecars: OUT.meta.json, OUT.rejects.jsonl.")],
     pair: PairOpt = None,
+    strong: StrongOpt = None,
+    weak: WeakOpt = None,
+    strong_system: StrongSystemOpt = None,
+    weak_system: WeakSystemOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
     min_confidence: MinConfidenceOpt = None,
@@ -165,12 +176,13 @@ def annotate(
     (sum), reward_mean, each model's log-prob and token count, and a
     truncation flag.  Each finished record is flushed at once; kill the run at
     any moment and continue it with --resume.  --ray spreads the scoring over a
-    Ray cluster and writes the same output.
+    Ray cluster and writes the same output.  --strong SRC --weak SRC scores
+    with any two models instead of a registry pair.
     """
     from .options import engine_overrides, ray_options
 
     summary = run_scoring(
-        "annotate", input, output, pair, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
+        "annotate", input, output, PairChoice(pair, strong, weak, strong_system, weak_system), models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
         engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, parallel_responses), no_pull,
         ray=ray_options(ray, ray_actors, ray_partition_size), rule=rule, calibration=calibration,
         min_confidence=min_confidence, keep_top=keep_top,

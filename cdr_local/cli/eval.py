@@ -27,6 +27,7 @@ from .options import (
     NCtxOpt,
     NoPullOpt,
     NUbatchOpt,
+    PairChoice,
     PairOpt,
     ProfileOpt,
     RayActorsOpt,
@@ -34,7 +35,11 @@ from .options import (
     RayPartitionOpt,
     RouterOpt,
     RuleOpt,
+    StrongOpt,
+    StrongSystemOpt,
     ThreadsOpt,
+    WeakOpt,
+    WeakSystemOpt,
 )
 
 
@@ -42,6 +47,10 @@ def eval_(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Scored pairs (JSONL, as annotate writes). Report: OUT.report.json (+ OUT.report.png with the plot extra).")],
     pair: PairOpt = None,
+    strong: StrongOpt = None,
+    weak: WeakOpt = None,
+    strong_system: StrongSystemOpt = None,
+    weak_system: WeakSystemOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
     models: ModelsOpt = None,
@@ -103,6 +112,8 @@ def eval_(
     from ..rules import parse_rule
     from .options import engine_overrides, ray_options
 
+    choice = PairChoice(pair, strong, weak, strong_system, weak_system)
+    choice.check()
     if output == "-":
         raise CdrError("eval needs an output file (its report is written next to it)")
     if bootstrap < 1:
@@ -127,7 +138,7 @@ def eval_(
                 raise CdrError("--per-section needs the input as a regular file (it is read twice)")
             select = sample_lines(input, per_section, seed)
         summary = run_scoring(
-            "eval", input, output, pair, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
+            "eval", input, output, choice, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
             engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull, select,
             ray_options(ray, ray_actors, ray_partition_size), token_logprobs=token_logprobs, also_writes=tuple(reports),
             rule=rule, calibration=calibration,
@@ -169,7 +180,15 @@ def eval_(
     if calibrate:
         from .. import calibration as C
 
-        cal = C.fit(pairs, params, pair=str(meta.get("pair")), models=meta.get("calibration_models") or {},
+        ident = meta.get("calibration_models")
+        if not ident and meta.get("pair"):  # outputs of versions before calibrations: the registry knows the models
+            from ..models import load_registry
+
+            try:
+                ident = C.pair_identity(load_registry(models), str(meta["pair"]))
+            except CdrError:
+                ident = {}
+        cal = C.fit(pairs, params, pair=str(meta.get("pair")), models=ident or {},
                     rule=main, fitted_on={"output": output, "pairs": len(pairs), "sections": rep["sections"],
                                           "input": meta.get("input"), "input_sha256": meta.get("input_sha256"),
                                           "per_section": per_section, "seed": seed})

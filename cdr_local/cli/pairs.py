@@ -28,6 +28,7 @@ from .options import (
     NCtxOpt,
     NoPullOpt,
     NUbatchOpt,
+    PairChoice,
     PairOpt,
     ProfileOpt,
     RayActorsOpt,
@@ -35,7 +36,11 @@ from .options import (
     RayPartitionOpt,
     RouterOpt,
     RuleOpt,
+    StrongOpt,
+    StrongSystemOpt,
     ThreadsOpt,
+    WeakOpt,
+    WeakSystemOpt,
 )
 
 
@@ -45,9 +50,13 @@ def pairs(
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="best-random (CDR), best-worst, real-easy, real-hard, real-centroid.")] = "best-random",
     min_margin: Annotated[float | None, typer.Option("--min-margin", help="Keep only pairs with margin >= this.")] = None,
     keep_dissimilar: Annotated[float | None, typer.Option("--keep-dissimilar", help="Selection over labelled pairs: keep this percentage of the least similar chosen/rejected pairs (REAL).")] = None,
-    embed_model: Annotated[str | None, typer.Option("--embed-model", help="Registry model for embeddings (default: the pair's strong model).")] = None,
+    embed_model: Annotated[str | None, typer.Option("--embed-model", metavar="SRC", help="Model for embeddings: a registry name, a GGUF path or a Hub reference, as --strong (default: the pair's strong model).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of best-random (combined with each record id).")] = 0,
     pair: PairOpt = None,
+    strong: StrongOpt = None,
+    weak: WeakOpt = None,
+    strong_system: StrongSystemOpt = None,
+    weak_system: WeakSystemOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
     min_confidence: MinConfidenceOpt = None,
@@ -82,14 +91,15 @@ def pairs(
     """
     from ..errors import CdrError
     from ..files import is_regular
-    from ..models import load_registry
-    from ..pairs import STRATEGIES
+    from ..pairs import NEEDS_EMBEDDINGS, STRATEGIES
     from ..pipeline import RunConfig, preflight, run
     from ..profiles import load_profile
     from ..records import parse_line
     from ..ui import RunDisplay
-    from .options import engine_overrides, engine_settings, ray_options
+    from .options import engine_overrides, engine_settings, ray_options, registry_and_pair
 
+    choice = PairChoice(pair, strong, weak, strong_system, weak_system)
+    choice.check()
     if strategy not in STRATEGIES:
         raise CdrError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if keep_dissimilar is not None and not 0 < keep_dissimilar <= 100:
@@ -105,16 +115,21 @@ def pairs(
     if ray_opts is not None and keep_dissimilar is not None:
         raise CdrError("--keep-dissimilar does not run on --ray (its threshold needs a first pass over the whole input)")
     overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
-    reg = load_registry(models)
+    reg, pair_name = registry_and_pair(models, choice)
+    if embed_model is not None and (strategy in NEEDS_EMBEDDINGS or keep_dissimilar is not None):
+        from ..models import with_model
+
+        reg, emb = with_model(reg, embed_model, flag="--embed-model")  # checked now, not after the pair has loaded
+        embed_model = emb.name
     from ..calibration import labelling
 
-    cal = labelling(reg, pair, rule, calibration, min_confidence, keep_top, cfg)
+    cal = labelling(reg, pair_name, rule, calibration, min_confidence, keep_top, cfg)
     # score on the fly only if some record lacks rewards: decided per record, but the
     # pair is loaded up front unless the input is an annotate output (has "scores")
     score = keep_dissimilar is None and not _looks_scored(input)
     mode = "keep-dissimilar" if keep_dissimilar is not None else strategy
     spec = PairsSpec(
-        reg, pair, engine_settings(reg, overrides), load_profile(profile) if score else None, router, not no_pull,
+        reg, pair_name, engine_settings(reg, overrides), load_profile(profile) if score else None, router, not no_pull,
         strategy, embed_model, min_margin, seed, keep_dissimilar, input, rule, cal,
     )
     display = RunDisplay(f"pairs [{mode}]", quiet=quiet, plain=True if plain else None)

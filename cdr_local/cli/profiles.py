@@ -44,8 +44,15 @@ def show(
     name: Annotated[str, typer.Argument(help="Profile name or path.")],
     prompt: Annotated[str, typer.Option("--prompt", help="A user prompt to render.")] = "<the user's prompt>",
     domain: Annotated[str | None, typer.Option("--domain", help="Domain (default: the profile's default).")] = None,
+    record_id: Annotated[str, typer.Option("--id", help="The example record's id: it seeds the exemplar drawn for "
+                                                        "profiles that put one exemplar in the user turn (cdr-paper).")] = "example",
+    system: Annotated[str | None, typer.Option("--system", help="A system message of the example record's own "
+                                                                "(shows whether the profile keeps or replaces it).")] = None,
+    router: Annotated[str | None, typer.Option("--router", help="Instead: the messages that router reads to pick the domain "
+                                                                "(model or answer).")] = None,
 ) -> None:
-    """Print, as JSON, the messages both models read for a prompt in a domain."""
+    """Print, as JSON, the messages both models read for a prompt in a domain
+    (with --router, the messages the router reads instead)."""
     import orjson
 
     from ..chat import Message
@@ -55,5 +62,13 @@ def show(
     p = load_profile(name)
     if domain is not None and domain not in p.domains:
         raise CdrError(f"profile {p.name!r} has no domain {domain!r} ({', '.join(p.domains)})")
-    msgs = profile_messages(p, domain, [Message("user", prompt)])
+    record = ([Message("system", system)] if system is not None else []) + [Message("user", prompt)]
+    if router is not None:
+        from ..router import answer_messages, classification_messages
+
+        if router not in ("model", "answer"):
+            raise CdrError("--router shows the prompt of the model or the answer router (the others read no prompt)")
+        msgs = (answer_messages if router == "answer" else classification_messages)(p, record)
+    else:
+        msgs = profile_messages(p, domain, record, record_id)
     typer.echo(orjson.dumps([m.to_dict() for m in msgs], option=orjson.OPT_INDENT_2).decode())

@@ -13,8 +13,13 @@ from .options import (
     NCtxOpt,
     NoPullOpt,
     NUbatchOpt,
+    PairChoice,
     PairOpt,
+    StrongOpt,
+    StrongSystemOpt,
     ThreadsOpt,
+    WeakOpt,
+    WeakSystemOpt,
 )
 
 
@@ -23,6 +28,10 @@ def score(
     response: Annotated[list[str], typer.Option("--response", "-r", help="A response (repeat for several).")],
     system: Annotated[str | None, typer.Option("--system", help="A system message that is part of the record (both sides see it).")] = None,
     pair: PairOpt = None,
+    strong: StrongOpt = None,
+    weak: WeakOpt = None,
+    strong_system: StrongSystemOpt = None,
+    weak_system: WeakSystemOpt = None,
     models: ModelsOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the output record as JSON.")] = False,
     threads: ThreadsOpt = None,
@@ -32,7 +41,7 @@ def score(
     n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
 ) -> None:
-    """Score one example: each response's reward, log-probs and token counts."""
+    """Score one example: each response's reward, log-probs and token counts (--pair, or --strong SRC --weak SRC)."""
     import orjson
 
     from ..annotate import build_output
@@ -41,6 +50,8 @@ def score(
     from ..records import Record
     from .options import engine_overrides, load_pair
 
+    choice = PairChoice(pair, strong, weak, strong_system, weak_system)
+    choice.check()
     msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
     if not prompt.strip():
         raise CdrError("empty prompt")
@@ -50,7 +61,7 @@ def score(
         id="cli", line=1, messages=tuple(msgs), responses=tuple(response), fmt="responses",
         conversational=False, prompt_raw=prompt,
     )
-    lp = load_pair(models, pair, engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull)
+    lp = load_pair(models, choice, engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull)
     try:
         out, _ = build_output(record, lp.score(record.messages, record.responses))
     finally:

@@ -9,16 +9,38 @@ import typer
 
 from ..atomic import write_bytes_atomic
 from .annotate import ForceOpt, LimitOpt, OverwriteOpt, PlainOpt, QuietOpt, RejectsOpt, ResumeOpt
-from .options import GpuOpt, ModelsOpt, NBatchOpt, NCtxOpt, NoPullOpt, NUbatchOpt, ThreadsOpt
+from .options import (
+    GpuOpt,
+    ModelsOpt,
+    NBatchOpt,
+    NCtxOpt,
+    NoPullOpt,
+    NUbatchOpt,
+    StrongSystemOpt,
+    ThreadsOpt,
+    WeakSystemOpt,
+)
+
+_STRONG = Annotated[str | None, typer.Option("--strong", metavar="SRC", help="The model that generates, like --model; with --weak "
+                                              "also the strong side of the pair that verifies (instead of --verify PAIR).")]
+_WEAK = Annotated[str | None, typer.Option("--weak", metavar="SRC", help="With --strong: the weak side of the pair that verifies "
+                                            "(same forms as --model).")]
 
 
 def synth(
     input: Annotated[str, typer.Argument(help="Prompts JSONL ('-' for stdin): {prompt, id?}; a prompt may be a message list. Other fields pass through.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Pairs JSONL in TRL's preference format, with provenance.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Registry model that generates (default: the default pair's strong model).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", metavar="SRC", help="The model that generates: a registry name, a GGUF path, or a Hugging Face file "
+                                              "(org/repo:QUANT or org/repo/file.gguf; hub extra). Default: --strong, else the default pair's strong model.")] = None,
     verify: Annotated[str | None, typer.Option("--verify", help="A CDR pair that scores both responses and records whether it agrees with the intended label.")] = None,
+    strong: _STRONG = None,
+    weak: _WEAK = None,
+    strong_system: StrongSystemOpt = None,
+    weak_system: WeakSystemOpt = None,
     keep: Annotated[str, typer.Option("--keep", help="all: keep every pair; agree: only pairs the --verify pair agrees with.")] = "all",
-    templates: Annotated[Path | None, typer.Option("--templates", help="Prompt templates TOML (default: the shipped cdr_local/synth.toml).")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="A shipped prompt template: rmboost (the default: the paper's "
+                                                 "guideline + edit + <response> tags) or rewrite (the earlier variant); or a TOML file.")] = None,
+    templates: Annotated[Path | None, typer.Option("--templates", help="A prompt templates TOML file (copy one from cdr_local/synth_templates/).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest response, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.95,
@@ -54,24 +76,35 @@ def synth(
 
     from ..engine.llama import LlamaModel
     from ..errors import CdrError
-    from ..models import load_registry, resolve
+    from ..models import resolve, with_model
     from ..pair import LoadedPair, model_sha256
     from ..pipeline import RunConfig, preflight, run
     from ..records import parse_prompt_line
     from ..scoring import ChatSide
     from ..synth import SynthTask, agreement_report, load_templates
     from ..ui import RunDisplay, say
-    from .options import engine_overrides, engine_settings
+    from .options import PairChoice, engine_overrides, engine_settings, load_registry
 
+    if model is not None and strong is not None:
+        raise CdrError("--model and --strong both name the model that generates: give one")
+    if weak is not None and strong is None:
+        raise CdrError("--weak needs --strong: together they are the pair that verifies")
+    if weak is not None and verify is not None:
+        raise CdrError("--verify PAIR and --strong/--weak exclude each other: name one pair that verifies")
+    if (strong_system is not None or weak_system is not None) and weak is None:
+        raise CdrError("--strong-system / --weak-system are the system prompts of the --strong/--weak pair that verifies: they need --weak")
+    verifying = verify is not None or weak is not None
     if keep not in ("all", "agree"):
         raise CdrError("--keep is 'all' or 'agree'")
-    if keep == "agree" and verify is None:
-        raise CdrError("--keep agree needs --verify PAIR")
+    if keep == "agree" and not verifying:
+        raise CdrError("--keep agree needs --verify PAIR (or --strong SRC --weak SRC)")
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise CdrError("need --max-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
     if limit is not None and limit < 0:
         raise CdrError("--limit must be 0 or more")
-    report_path = output + ".synth-report.json" if verify is not None and output != "-" else None
+    if template is not None and templates is not None:
+        raise CdrError("--template and --templates both name the prompt template: give one")
+    report_path = output + ".synth-report.json" if verifying and output != "-" else None
     pre = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
                     limit=limit, also_writes=(("report", report_path),) if report_path else ())
     if per_section is not None:
@@ -80,23 +113,37 @@ def synth(
         if input == "-" or not is_regular(input):
             raise CdrError("--per-section needs the input as a regular file (it is read twice)")
     preflight(pre)
-    t = load_templates(templates)
+    t = load_templates(templates if templates is not None else template)
+    # the registry, the pair that verifies and the generator, all before any model loads
     reg = load_registry(models)
+    if weak is not None:
+        reg, verify = PairChoice(None, strong, weak, strong_system, weak_system).resolve(reg)
+        assert verify is not None
+        spec = reg.model(reg.pair(verify).strong.model)
+    elif model is not None or strong is not None:
+        src = model if model is not None else strong
+        assert src is not None
+        reg, spec = with_model(reg, src, flag="--model" if model is not None else "--strong")
+    else:
+        spec = reg.model(reg.pair(None).strong.model)
+    if verify is not None:
+        reg.pair(verify)
+    name = spec.name
     overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
     settings = engine_settings(reg, overrides)
-    name = model or reg.pair(None).strong.model
-    spec = reg.model(name)
     path = resolve(spec, pull=not no_pull, progress=say)
-    gen = LlamaModel(path, settings, name=name)
+    gen_sha = model_sha256(spec, path, say)
     verifier: LoadedPair | None = None
+    gen: LlamaModel | None = None
     try:
-        side = ChatSide(gen, system=None, fallback_template=spec.chat_template)
-        if verify is not None:
+        if verify is not None:  # its files are resolved (and both its models loaded) before the generator loads
             verifier = LoadedPair(reg, verify, settings, pull=not no_pull, say=say)
+        gen = LlamaModel(path, settings, name=name)
+        side = ChatSide(gen, system=None, fallback_template=spec.chat_template)
         task = SynthTask(side, t, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, verifier=verifier, keep=keep)
         from ..engine.llama import library_version
 
-        gen_meta: dict[str, Any] = {**task.generation_settings(), "model_sha256": model_sha256(spec, path)}
+        gen_meta: dict[str, Any] = {**task.generation_settings(), "model_sha256": gen_sha}
         meta: dict[str, Any] = {"command": "synth", "input": input, "generation": gen_meta, "keep": keep,
                                 "engine": settings.to_json(), "llama_cpp_python": library_version()}
         numerics: dict[str, Any] = {**{f"generation.{k}": v for k, v in gen_meta.items()},
@@ -115,7 +162,8 @@ def synth(
     finally:
         if verifier is not None:
             verifier.close()
-        gen.close()
+        if gen is not None:
+            gen.close()
     if verify is not None and output != "-":
         rep = agreement_report(output, summary.rejects_path)
         assert report_path is not None

@@ -20,11 +20,16 @@ from .options import (
     NCtxOpt,
     NoPullOpt,
     NUbatchOpt,
+    PairChoice,
     PairOpt,
     ProfileOpt,
     RouterOpt,
     RuleOpt,
+    StrongOpt,
+    StrongSystemOpt,
     ThreadsOpt,
+    WeakOpt,
+    WeakSystemOpt,
 )
 
 
@@ -33,6 +38,10 @@ def winrate(
     baseline: Annotated[Path, typer.Option("--baseline", "-b", help="Baseline outputs, same formats; matched by instruction.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scored outputs (resumable) and winrate.json.")],
     pair: PairOpt = None,
+    strong: StrongOpt = None,
+    weak: WeakOpt = None,
+    strong_system: StrongSystemOpt = None,
+    weak_system: WeakSystemOpt = None,
     models: ModelsOpt = None,
     profile: ProfileOpt = "none",
     router: RouterOpt = None,
@@ -65,18 +74,24 @@ def winrate(
     from ..locks import exclusive
     from .options import engine_overrides
 
+    choice = PairChoice(pair, strong, weak, strong_system, weak_system)
+    choice.check()
     if tau is not None and tau <= 0:
         raise CdrError("--tau must be positive")
     if kind(output) not in ("missing", "directory"):
         raise CdrError(f"--output {output} is a {kind(output)}: winrate writes a folder")
+    if not report_only:  # the registry and the pair (--strong/--weak too): before any folder or model
+        from .options import registry_and_pair
+
+        registry_and_pair(models, choice)
     output.mkdir(parents=True, exist_ok=True)
     with exclusive(output / "winrate.json", "winrate"):  # one winrate per folder at a time
-        _winrate(model, baseline, output, pair, models, profile, router, instructions, seed, tau, force, report_only,
+        _winrate(model, baseline, output, choice, models, profile, router, instructions, seed, tau, force, report_only,
                  reference, quiet, plain, engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull,
                  rule, calibration, json_out)
 
 
-def _winrate(model: list[Path], baseline: Path, output: Path, pair: str | None, models: Path | None, profile: str,
+def _winrate(model: list[Path], baseline: Path, output: Path, pair: PairChoice, models: Path | None, profile: str,
              router: str | None, instructions: int | None, seed: int, tau: float | None, force: bool, report_only: bool,
              reference: Path | None, quiet: bool, plain: bool, overrides: dict[str, object], no_pull: bool,
              rule: str | None, calibration: Path | None, json_out: bool) -> None:
