@@ -1658,7 +1658,9 @@ def _run_pip(cmd: list[str], line: Callable[[str], None]) -> tuple[subprocess.Co
     return proc, "".join(lines)
 
 
-_PIP_FETCH_RE = re.compile(r"\s*(Downloading|Using cached|Processing)\s+(\S+)(?:\s+\(([^)]*)\))?\s*\Z")
+#: A local wheel's path may hold spaces (``Processing /a dir/x.whl``): the target is
+#: everything up to an optional trailing ``(size)``.
+_PIP_FETCH_RE = re.compile(r"\s*(Downloading|Using cached|Processing)\s+(.+?)(?:\s+\(([^)]*)\))?\s*\Z")
 
 
 def _relay_pip_line(name: str, say: Progress, line: str) -> None:

@@ -183,3 +183,27 @@ def test_calibration_for_another_pair_is_refused(labelled: Path, tiny_registry: 
             "--calibration", tmp_path / "ev.calibration.json")
     assert r.returncode == 2 and "does not fit pair tiny-self" in r.stderr
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_shipped_calibrations_fit_the_shipped_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shipped calibration whose models no longer match its pair is silently
+    unused (confidence falls back to uncalibrated): every file under
+    cdr_local/calibrations must resolve for its pair, with a rule that parses,
+    and the default pair must have one (the README's default rule is its rule)."""
+    import importlib.resources
+
+    from cdr_local.calibration import resolve
+    from cdr_local.models import load_registry
+
+    monkeypatch.delenv("CDR_MODELS", raising=False)
+    reg = load_registry()
+    files = [f for f in importlib.resources.files("cdr_local").joinpath("calibrations").iterdir() if f.name.endswith(".json")]
+    assert files
+    for f in files:
+        pair = f.name.removesuffix(".json")
+        cal = resolve(reg, pair, None)
+        assert cal is not None, f"{f.name} does not fit pair {pair} of the shipped registry"
+        parse_rule(cal.rule, cal.params)
+        assert cal.rule in cal.confidence and cal.confidence[cal.rule]["b"] >= 0
+    default = resolve(reg, None, None)
+    assert default is not None and default.pair == reg.default_pair
