@@ -26,20 +26,10 @@ sys.path.insert(0, str(ROOT))
 from cdr_local.engine import EngineSettings  # noqa: E402
 from cdr_local.engine import llama as E  # noqa: E402
 from cdr_local.models import load_registry, model_cache_dir, source_path  # noqa: E402
-from cdr_local.records import Record, parse_line  # noqa: E402
 from cdr_local.scoring import ChatSide  # noqa: E402
 
-
-def load_records(path: Path, n: int) -> list[Record]:
-    out: list[Record] = []
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
-            item = parse_line(line, i)
-            if isinstance(item, Record):
-                out.append(item)
-            if len(out) >= n:
-                break
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import load_records  # noqa: E402  (one reader of bench records)
 
 
 def variant(src: Path, name: str, fmt: str) -> Path:
