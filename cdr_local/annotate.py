@@ -105,12 +105,14 @@ def build_output(record: Record, scores: list[ResponseScore], *, token_logprobs:
 
 
 def make_router(name: str | None, profile: Profile, pair: LoadedPair) -> Router:
-    """``None`` picks the default: the model router when the profile has several domains."""
+    """``None`` picks the default: the answer router for a profile that ships its own
+    router prompt (``cdr-paper``: the authors' recipe), else the model router when the
+    profile has several domains, else none."""
     from .errors import ConfigError
     from .router import ROUTERS, AnswerRouter, KeywordRouter, ModelRouter, NoneRouter
 
     if name is None:
-        name = "model" if len(profile.domains) > 1 else "none"
+        name = "none" if len(profile.domains) < 2 else "answer" if profile.router_prompt else "model"
     if name not in ROUTERS:
         raise ConfigError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")
     if name == "model":

@@ -61,10 +61,10 @@ from .pipeline import (
     RunConfig,
     RunSummary,
     Task,
-    _atomic_write_json,
-    _id_key,
+    classify,
     input_total,
     keep,
+    write_json_atomic,
 )
 from .records import Record, Reject
 
@@ -174,6 +174,7 @@ class _Partition:
     k: int
     items: list[tuple[int, Reject | str]] = field(default_factory=list)  # in line order: a reject, or a record id to write
     todo: list[tuple[int, bytes]] = field(default_factory=list)  # lines still to score
+    records: int = 0  # records among ``items`` (what --limit counts, if none is rejected)
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # line -> result row
     ready: bool = False
     attempts: int = 0
@@ -194,7 +195,7 @@ class _Parts:
         self.dir.mkdir(exist_ok=True)
         for tmp in self.dir.glob(".*.tmp"):  # left by a kill mid-write
             tmp.unlink()
-        _atomic_write_json(manifest, numerics)
+        write_json_atomic(manifest, numerics)
 
     def path(self, k: int) -> Path:
         return self.dir / f"part-{k:08d}.jsonl"
@@ -379,11 +380,14 @@ def _cause(e: BaseException) -> BaseException | None:
 
 
 def _partitions(
-    cfg: RunConfig, parse: Callable[[bytes, int], Record | Reject | None], size: int, done: IdSet, reader: InputReader
+    cfg: RunConfig, parse: Callable[[bytes, int], Record | Reject | None], size: int, done: IdSet, reader: InputReader,
+    limit_reached: Callable[[], bool],
 ) -> Iterator[_Partition]:
-    """Input lines in line-range partitions, classified as pipeline.run does."""
+    """Input lines in line-range partitions, classified by ``pipeline.classify`` as a
+    local run classifies them.  Once ``limit_reached()``, partitions are still read
+    (the input's sha256 covers the whole file) but hold nothing: a local run records
+    nothing after its --limit-th record, not even rejects."""
     seen = IdSet()
-    queued = 0
     cur: _Partition | None = None
     # the local run's order (file order, or a sample's own order), cut every ``size`` lines
     for i, (lineno, raw) in enumerate(reader.selected(cfg.select)):
@@ -393,22 +397,15 @@ def _partitions(
                 yield cur
             cur = _Partition(k)
         cur.end = reader.checkpoint()
-        item = parse(raw, lineno)
+        if limit_reached():
+            continue
+        item = classify(parse, lineno, raw, seen, done)
         if item is None:
             continue
         if isinstance(item, Reject):
             cur.items.append((lineno, item))
             continue
-        key = _id_key(item.id)
-        if key in seen:
-            cur.items.append((lineno, Reject(lineno, f"duplicate id {item.id!r}", id=item.id)))
-            continue
-        seen.add(key)
-        if key in done:
-            continue
-        if cfg.limit is not None and queued >= cfg.limit:
-            continue
-        queued += 1
+        cur.records += 1
         cur.items.append((lineno, item.id))
         cur.todo.append((lineno, raw))
     if cur is not None:
@@ -540,8 +537,14 @@ def _drive(
             summary.rejected += 1
         events.reject(rej)
 
+    def limit_reached() -> bool:
+        return cfg.limit is not None and summary.done >= cfg.limit
+
     def merge(p: _Partition) -> None:
+        frozen = limit_reached()
         for lineno, it in p.items:
+            if limit_reached():
+                break  # as pipeline.run: nothing is recorded after the --limit-th record
             if isinstance(it, Reject):
                 reject(it)
                 continue
@@ -549,18 +552,21 @@ def _drive(
             if "reject" in row:
                 reject(Reject(lineno, row["reject"], id=row["id"], detail=row.get("detail")))
                 continue
-            if cfg.limit is not None and summary.done >= cfg.limit:
-                continue
             keep(cfg, out, row["obj"], row["stats"], lineno, row["id"], reject, summary, rng, events)
         assert parts is not None
         parts.remove(p.k)
-        merged_to.clear()
-        merged_to.update(p.end)
+        if not frozen:  # the checkpoint where the --limit stopped the work, as pipeline.run's
+            merged_to.clear()
+            merged_to.update(p.end)
+
+    def in_flight() -> int:
+        """Records read but not merged yet: what may still count toward --limit."""
+        return sum(p.records for p in pending)
 
     try:
         parts = _Parts(cfg.output, cfg.numerics, cfg.resume)
         events.start(total, summary.resumed)
-        partitions = _partitions(cfg, parse, opts.partition_size, out.done_ids, reader)
+        partitions = _partitions(cfg, parse, opts.partition_size, out.done_ids, reader, limit_reached)
         pending: deque[_Partition] = deque()
         window = max(4, 4 * len(pool.actors))
         reading = True
@@ -568,6 +574,8 @@ def _drive(
             while pool.resubmit and pool.free_slots() > 0:
                 pool.submit(pool.resubmit.pop(0))
             while reading and len(pending) < window and pool.free_slots() > 0:
+                if cfg.limit is not None and not limit_reached() and in_flight() >= cfg.limit - summary.done:
+                    break  # enough records are on their way; read on once merges show how many were rejected
                 p = next(partitions, None)
                 if p is None:
                     reading = False

@@ -6,11 +6,19 @@ Strategies (rewards = the density ratio, higher is better):
   random one of the others (not the lowest), drawn with a generator seeded by
   the record id, so reruns agree.
 * ``best-worst``: chosen = highest, rejected = lowest.
+* ``random``: two distinct responses drawn with the record's generator, ordered
+  by reward (REAL's random baseline).
 * ``real-easy`` / ``real-hard`` (REAL, arXiv 2409.17169): the pair of responses
   whose embeddings have the lowest / highest cosine similarity; the density
   ratio orders it (the higher reward is chosen).
-* ``real-centroid``: k-means with k=2 on the embeddings; the response nearest
-  each centre; ordered by reward.
+* ``real-centroid``: k-means with k=2 on the L2-normalized embeddings (as the
+  REAL authors cluster: the norm of a mean hidden state tracks length, not
+  meaning); the response nearest each centre; ordered by reward.
+
+Selection over labelled pairs (REAL's subsets): keep the share of pairs whose
+:func:`selection_key` lies at or below the share's quantile -- the least similar
+(``dissimilar``), the most similar (``similar``) or a seeded random subset of
+the same size (``random``), for the paper's easy / hard / random comparison.
 
 Skipped (with the reason): records whose rewards all tie, and candidates whose
 text is identical to the chosen one (a pair of identical texts teaches nothing).
@@ -25,8 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STRATEGIES = ("best-random", "best-worst", "real-easy", "real-hard", "real-centroid")
+STRATEGIES = ("best-random", "best-worst", "random", "real-easy", "real-hard", "real-centroid")
 NEEDS_EMBEDDINGS = {"real-easy", "real-hard", "real-centroid"}
+#: Strategies whose pairs carry a similarity: REAL's, and its random baseline (the
+#: comparison is on similarity, margin and length alike).
+EMBEDS = NEEDS_EMBEDDINGS | {"random"}
+#: Selections over labelled pairs: ``--keep-dissimilar``, ``--keep-similar``, ``--keep-random``.
+SELECTIONS = ("dissimilar", "similar", "random")
 
 
 class SkipRecord(Exception):
@@ -52,12 +65,34 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / ((np.linalg.norm(a) * np.linalg.norm(b)) or 1.0))
 
 
-def cosine_matrix(emb: np.ndarray) -> np.ndarray:
+def unit_rows(emb: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (a zero row stays zero)."""
     e = np.asarray(emb, dtype=np.float64)
     norms = np.linalg.norm(e, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
-    u = e / norms
+    return e / norms
+
+
+def cosine_matrix(emb: np.ndarray) -> np.ndarray:
+    u = unit_rows(emb)
     return u @ u.T
+
+
+def selection_key(kind: str, record_id: str, similarity: float, seed: int = 0) -> float:
+    """The key a selection keeps the smallest of: similarity (``dissimilar``), minus
+    similarity (``similar``), or a uniform draw seeded by the record id (``random``)."""
+    if kind == "dissimilar":
+        return similarity
+    if kind == "similar":
+        return -similarity
+    if kind == "random":
+        return record_rng(record_id, seed).random()
+    raise ValueError(f"unknown selection {kind!r}")
+
+
+def keep_threshold(keys: Sequence[float], percent: float) -> float:
+    """The key at or below which ``percent`` % of ``keys`` lie (a value of ``keys``)."""
+    return float(np.percentile(np.asarray(keys, dtype=np.float64), percent, method="lower"))
 
 
 def kmeans2(emb: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -120,19 +155,22 @@ def choose(
             raise SkipRecord("the rejected response ties with the best one")
         return Choice(best, rej, float(rewards[best] - rewards[rej]), sim(best, rej))
 
-    if embeddings is None or sims is None:
-        raise ValueError(f"strategy {strategy} needs embeddings")
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if texts[i] != texts[j]]
     if not pairs:
         raise SkipRecord("all responses are identical")
+    if strategy == "random":
+        i, j = record_rng(record_id, seed).choice(pairs)
+        return _order(i, j, rewards, sim(i, j))
+    if embeddings is None or sims is None:
+        raise ValueError(f"strategy {strategy} needs embeddings")
     if strategy == "real-centroid":
         if n == 2:
             i, j = pairs[0]
             return _order(i, j, rewards, sim(i, j))
-        labels, centres = kmeans2(embeddings)
+        x = unit_rows(embeddings)
+        labels, centres = kmeans2(x)
         if len(set(labels.tolist())) < 2:
             raise SkipRecord("k-means found a single cluster")
-        x = np.asarray(embeddings, dtype=np.float64)
         picks = []
         for k in (0, 1):
             members = np.nonzero(labels == k)[0]

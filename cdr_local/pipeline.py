@@ -224,7 +224,8 @@ class IdSet:
                 self.add(int(k))
 
 
-def _id_key(rid: str) -> int:
+def id_key(rid: str) -> int:
+    """A record id as the 64-bit key of :class:`IdSet` (never 0, the empty slot)."""
     return int.from_bytes(hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") | 1
 
 
@@ -374,7 +375,7 @@ def input_total(cfg: RunConfig) -> int | None:
         raise CdrError(f"cannot read input {cfg.input}: {e.strerror}") from None
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``path`` whole or not at all; a failure (full disk, read-only folder) is a CdrError."""
     try:
         write_bytes_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
@@ -535,11 +536,11 @@ class Output:
                 self._check_meta()
                 repair_torn_tail(out)
                 for rid in _scan_ids(out, "id"):
-                    self.done_ids.add(_id_key(rid))
+                    self.done_ids.add(id_key(rid))
                 if self.abstained_path is not None and self.abstained_path.exists():
                     repair_torn_tail(self.abstained_path)
                     for rid in _scan_ids(self.abstained_path, "id"):
-                        self.done_ids.add(_id_key(rid))
+                        self.done_ids.add(id_key(rid))
             if self.rejects_path is not None:
                 if cfg.resume and self.rejects_path.exists():
                     repair_torn_tail(self.rejects_path)
@@ -583,7 +584,7 @@ class Output:
                 write_bytes_atomic(card, render_card(body, self.cfg.output, card_records).encode())
             except OSError as e:
                 raise CdrError(f"cannot write {card}: {e.strerror or e}") from None
-        _atomic_write_json(meta_path(self.cfg.output), body)
+        write_json_atomic(meta_path(self.cfg.output), body)
         return body
 
     def _check_meta(self) -> None:
@@ -764,22 +765,30 @@ def run(
     return summary
 
 
+def classify(parse: Callable[[bytes, int], Record | Reject | None], lineno: int, raw: bytes, seen: IdSet,
+             done: IdSet) -> Record | Reject | None:
+    """One input line as both drivers (local and Ray) see it: ``None`` for a blank
+    line or a record the resumed run already wrote, a :class:`Reject` for a bad line
+    or a repeated id, else the record to process (its id is then marked seen)."""
+    item = parse(raw, lineno)
+    if item is None or isinstance(item, Reject):
+        return item
+    key = id_key(item.id)
+    if key in seen:
+        return Reject(lineno, f"duplicate id {item.id!r}", id=item.id)
+    seen.add(key)
+    return None if key in done else item
+
+
 def _process_line(
     cfg: RunConfig, out: Output, task: Task, parse: Callable[[bytes, int], Record | Reject | None], lineno: int,
     raw: bytes, seen: IdSet, reject: Callable[[Reject], None], summary: RunSummary, rng: random.Random, events: Events,
 ) -> None:
-    item = parse(raw, lineno)
+    item = classify(parse, lineno, raw, seen, out.done_ids)
     if item is None:
         return
     if isinstance(item, Reject):
         reject(item)
-        return
-    key = _id_key(item.id)
-    if key in seen:
-        reject(Reject(lineno, f"duplicate id {item.id!r}", id=item.id))
-        return
-    seen.add(key)
-    if key in out.done_ids:
         return
     try:
         obj, stats = task.process(item)

@@ -517,3 +517,10 @@ def test_cli_annotate_with_the_authors_recipe(tiny_registry: Path, tmp_path: Pat
     meta = orjson.loads(Path(str(out) + ".meta.json").read_bytes())
     assert meta["router"] == "answer" and meta["profile"]["name"] == "cdr-paper"
     assert meta["profile"]["sha256"] == load_profile("cdr-paper").sha256
+    # a profile with its own router prompt routes with the answer router by default
+    out2 = tmp_path / "out2.jsonl"
+    p = cdr("annotate", inp, "-o", out2, "--models", tiny_registry, "--profile", "cdr-paper",
+            "--threads", "1", "-q", home=tmp_path / "home")
+    assert p.returncode == 0, p.stderr
+    assert out2.read_bytes() == out.read_bytes()
+    assert orjson.loads(Path(str(out2) + ".meta.json").read_bytes())["router"] == "answer"

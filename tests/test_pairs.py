@@ -27,7 +27,16 @@ from test_cli import CDR, _env
 from cdr_local.embed import Embedder
 from cdr_local.engine import EngineSettings
 from cdr_local.engine.llama import LlamaModel
-from cdr_local.pairs import STRATEGIES, Choice, SkipRecord, choose, kmeans2
+from cdr_local.pairs import (
+    STRATEGIES,
+    Choice,
+    SkipRecord,
+    choose,
+    keep_threshold,
+    kmeans2,
+    record_rng,
+    selection_key,
+)
 
 # ---------------------------------------------------------------------------
 # choose(): hand-made records
@@ -170,7 +179,9 @@ def test_real_centroid_picks_the_response_nearest_each_centre() -> None:
             [0.3, 10.0],
         ]
     )
-    # centres: A = (10, 0.1), B = (0.075, 10): nearest are 2 and 5
+    # on unit vectors: centre A = mean of (1, 0) x3 and 6's (0.99920, 0.03997) =
+    # (0.99980, 0.00999): d^2 = 1.0e-4 for the three (1, 0) (the first: 0), 9.0e-4
+    # for 6; likewise B -> 1
     texts = tuple(f"t{i}" for i in range(len(emb)))
     rewards = [0.0, 1.0, -1.0, 2.0, 3.0, 0.5, 4.0, -2.0]
     labels, centres = kmeans2(emb)
@@ -180,9 +191,54 @@ def test_real_centroid_picks_the_response_nearest_each_centre() -> None:
     )
     assert labels[0] != labels[1]
     c = choose("real-centroid", "r", texts, rewards, emb)
-    assert (c.chosen, c.rejected) == (5, 2)  # 0.5 > -1.0
-    assert c.margin == pytest.approx(1.5)
-    assert c.similarity == pytest.approx(_cos(emb[5], emb[2]), abs=1e-12)
+    assert (c.chosen, c.rejected) == (1, 0)  # 1.0 > 0.0
+    assert c.margin == pytest.approx(1.0)
+    assert c.similarity == pytest.approx(_cos(emb[1], emb[0]), abs=1e-12)
+
+
+def test_real_centroid_clusters_directions_not_lengths() -> None:
+    """REAL normalizes embeddings before k-means.  On raw vectors, three long
+    responses along A pull one centre away and the short ones of A and B share the
+    other (a split by length); on unit vectors the split is by direction."""
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [10.0, 0.0], [0.0, 1.1], [11.0, 0.5], [1.1, 0.1], [12.0, 0.0], [0.1, 1.0]])
+    raw, _ = kmeans2(emb)
+    assert sorted(np.nonzero(raw == raw[2])[0].tolist()) == [2, 4, 6]  # raw: the long ones alone
+    texts = tuple(f"t{i}" for i in range(len(emb)))
+    rewards = [0.0, 5.0, 1.0, 2.0, 3.0, 0.5, 4.0, -2.0]
+    c = choose("real-centroid", "r", texts, rewards, emb)
+    # unit A = 0, 2, 4, 5, 6: centre (0.99897, 0.02719), nearest 4 (0.99897, 0.04540),
+    # d^2 = 3.3e-4 vs 7.4e-4 for (1, 0); unit B = 1, 3, 7: centre (0.03317, 0.99835),
+    # nearest 1 (first of the two (0, 1)), d^2 = 1.10e-3 vs 4.4e-3 for 7
+    assert (c.chosen, c.rejected) == (1, 4)  # 5.0 > 3.0
+    assert c.margin == pytest.approx(2.0)
+    assert c.similarity == pytest.approx(_cos(emb[1], emb[4]), abs=1e-12)
+
+
+def test_random_strategy_draws_a_seeded_distinct_pair() -> None:
+    texts = ("a", "b", "a", "c", "d")
+    rewards = [1.0, 2.0, 3.0, 0.0, -1.0]
+    emb = np.array([_unit(d) for d in (0, 30, 0, 60, 90)])
+    got = {choose("random", f"r{k}", texts, rewards, emb) for k in range(60)}
+    pairs = {(c.chosen, c.rejected) for c in got}
+    distinct = [(i, j) for i in range(5) for j in range(i + 1, 5) if texts[i] != texts[j]]
+    assert {frozenset(p) for p in pairs} == {frozenset(p) for p in distinct}  # every distinct pair, never (0, 2)
+    for c in got:
+        assert rewards[c.chosen] > rewards[c.rejected] and c.margin == rewards[c.chosen] - rewards[c.rejected]
+        assert c.similarity == pytest.approx(_cos(emb[c.chosen], emb[c.rejected]), abs=1e-12)
+    # the draw is the record's generator: the same id and seed give the same pair, no embeddings needed
+    want = record_rng("r7", 3).choice(distinct)
+    c = choose("random", "r7", texts, rewards, None, seed=3)
+    assert {c.chosen, c.rejected} == set(want) and c.similarity is None
+
+
+def test_selection_keys_by_hand() -> None:
+    assert selection_key("dissimilar", "x", 0.25) == 0.25
+    assert selection_key("similar", "x", 0.25) == -0.25
+    assert selection_key("random", "x", 0.25, seed=2) == record_rng("x", 2).random()
+    with pytest.raises(ValueError):
+        selection_key("closest", "x", 0.0)
+    assert keep_threshold([0.5, 0.1, 0.9, 0.3], 50) == 0.3  # 2 of 4 at or below
+    assert keep_threshold([0.5, 0.1, 0.9, 0.3], 100) == 0.9
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -509,6 +565,50 @@ def test_keep_dissimilar(run: Run, tiny_bos_model: Path, tmp_path: Path) -> None
     rej = rows(run.dir / "dissimilar.rejects.jsonl")
     assert len(rej) == len(recs) - len(kept)
     assert all("similarity" in r["reason"] and "above" in r["reason"] for r in rej)
+
+
+def test_keep_similar_and_random(run: Run, tiny_bos_model: Path, tmp_path: Path) -> None:
+    """REAL's hard and random subsets, the same size as the easy one: the most similar
+    half, and the half with the lowest seeded draw per id (reruns agree)."""
+    recs = _labelled()
+    inp = run.dir / "labelled.jsonl"
+    inp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    m, emb = _embedder(tiny_bos_model, tmp_path)
+    try:
+        sims = {r["id"]: _cos(*emb.embed([r["chosen"], r["rejected"]])) for r in recs}
+    finally:
+        emb.close()
+        m.close()
+    half = len(recs) // 2
+    hard = run.dir / "similar.jsonl"
+    run.pairs_cmd(inp, hard, "--keep-similar", 50)
+    assert {x["id"] for x in rows(hard)} == set(sorted(sims, key=lambda i: -sims[i])[:half])
+    assert all(x["strategy"] == "keep-similar" and x["similarity"] == pytest.approx(sims[x["id"]], abs=1e-6) for x in rows(hard))
+    assert all("below" in r["reason"] for r in rows(run.dir / "similar.rejects.jsonl"))
+    rnd = run.dir / "random.jsonl"
+    run.pairs_cmd(inp, rnd, "--keep-random", 50, "--seed", 4)
+    draws = {r["id"]: record_rng(r["id"], 4).random() for r in recs}
+    assert {x["id"] for x in rows(rnd)} == set(sorted(draws, key=draws.__getitem__)[:half])
+    assert all(x["similarity"] == pytest.approx(sims[x["id"]], abs=1e-6) for x in rows(rnd))
+    meta = orjson.loads(Path(str(rnd) + ".meta.json").read_bytes())
+    assert meta["strategy"] == "keep-random" and meta["keep_random_percent"] == 50 and meta["seed"] == 4
+    again = run.dir / "random2.jsonl"
+    run.pairs_cmd(inp, again, "--keep-random", 50, "--seed", 4)
+    assert again.read_bytes() == rnd.read_bytes()
+
+
+def test_random_strategy_end_to_end(run: Run, tmp_path: Path) -> None:
+    """--strategy random records the pair's similarity (REAL's baseline is compared on it)."""
+    inp = run.dir / "n.jsonl"
+    inp.write_bytes(b"".join(orjson.dumps({"id": f"r{k}", "prompt": f"Q{k}?", "responses": [f"A{k}.", f"B {k}!", f"C{k} c."]}) + b"\n"
+                             for k in range(4)))
+    out = run.dir / "random-pairs.jsonl"
+    run.pairs_cmd(inp, out, "--strategy", "random")
+    got = rows(out)
+    assert len(got) == 4
+    for x in got:
+        assert x["strategy"] == "random" and isinstance(x["similarity"], float)
+        assert x["chosen_index"] != x["rejected_index"] and x["rewards"][x["chosen_index"]] > x["rewards"][x["rejected_index"]]
 
 
 def _labelled() -> list[dict[str, Any]]:

@@ -467,19 +467,19 @@ def test_stdout_cannot_resume(env: Env) -> None:
 def test_idset_matches_python_set():
     import random
 
-    from cdr_local.pipeline import IdSet, _id_key
+    from cdr_local.pipeline import IdSet, id_key
 
     rng = random.Random(3)
     ids = [str(rng.randrange(10**6)) for _ in range(20_000)]
     s, ref = IdSet(capacity=8), set()
     for rid in ids:
-        k = _id_key(rid)
+        k = id_key(rid)
         assert (k in s) == (k in ref)
         s.add(k)
         ref.add(k)
     assert len(s) == len(ref)
-    assert all(_id_key(r) in s for r in ids)
-    assert _id_key("never-added-id") not in s
+    assert all(id_key(r) in s for r in ids)
+    assert id_key("never-added-id") not in s
 
 
 def test_idset_sized_up_front_never_grows() -> None:

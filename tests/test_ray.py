@@ -440,6 +440,43 @@ def test_ray_pairs_equals_local(cluster: str, tiny_registry: Path, tmp_path: Pat
     assert len(jsonl(outs["ray"][0])) == 29 and b'"line":8' in outs["ray"][1]
 
 
+@ray_only
+@pytest.mark.ray
+def test_limit_on_ray_equals_limit_locally(cluster: str, tiny_registry: Path, tmp_path: Path) -> None:
+    """One driver semantics for --limit: N records written (task rejects do not count
+    toward it), the rejects before the N-th record recorded and none after it, then
+    --resume finishes the same file.  Local and --ray runs agree byte for byte."""
+    r = random.Random(11)
+    rows: list[bytes] = []
+    for i in range(40):
+        resp = [" ".join(r.choice(WORDS) for _ in range(r.randint(4, 12))) for _ in range(3)]
+        if i in (1, 2, 3, 9, 14, 30):
+            resp = ["same", "same", "same"]  # all rewards tie: a task reject, not a written record
+        rows.append(orjson.dumps({"id": f"n{i}", "prompt": " ".join(r.choice(WORDS) for _ in range(8)), "responses": resp}))
+    rows.insert(5, b'{"id": "broken", ')  # a parse reject
+    rows.insert(8, orjson.dumps({"id": "n4", "prompt": "again", "responses": ["a b", "c d"]}))  # a duplicate id
+    rows.insert(33, b'{"id": "late-bad", ')  # after the limit: recorded only by the resumed run
+    inp = tmp_path / "n.jsonl"
+    inp.write_bytes(b"".join(x + b"\n" for x in rows))
+    got = {}
+    for name, extra in (("local", []), ("ray", ["--ray", cluster, "--ray-partition-size", "3"])):
+        out = tmp_path / f"{name}.jsonl"
+        base = ["pairs", inp, "-o", out, "--models", tiny_registry, "--threads", "1", "-q"]
+        p = cdr(*base, "--limit", "12", *extra, timeout=300)
+        assert p.returncode == 0, p.stderr
+        first = (out.read_bytes(), (tmp_path / f"{name}.rejects.jsonl").read_bytes())
+        p = cdr(*base, "--resume", *extra, timeout=300)
+        assert p.returncode == 0, p.stderr
+        got[name] = (first, (out.read_bytes(), (tmp_path / f"{name}.rejects.jsonl").read_bytes()))
+    assert got["ray"] == got["local"]
+    (out1, rej1), (out2, rej2) = got["local"]
+    assert len(jsonl(out1)) == 12 and len(jsonl(out2)) == 40 - 6
+    lines = [x["line"] for x in jsonl(rej1)]
+    assert 6 in lines and any("duplicate id" in x["reason"] for x in jsonl(rej1))  # broken JSON, repeated n4
+    assert 34 not in lines and 34 in [x["line"] for x in jsonl(rej2)]  # the late bad line
+    assert rej1.count(b"all rewards tie") == 5 and rej2.count(b"all rewards tie") == 6
+
+
 def test_ray_address_is_optional() -> None:
     from cdr_local.cli import _bare_ray
 

@@ -90,7 +90,7 @@ def eval_(
     ratio (sum, mean, offset, length-controlled, beta), the strong and weak
     model alone, and the longer/shorter baselines.  For each: accuracy when
     the chosen response is the longer one and when it is the shorter one (by
-    the strong model's scored tokens), their mean (length-balanced accuracy),
+    characters), their mean (length-balanced accuracy),
     and selective accuracy (the most confident 10/20/30/50/100% of pairs).
     --calibrate fits the confidence model on these pairs.  Scoring is
     annotate's pipeline: streaming, --resume, rejects.

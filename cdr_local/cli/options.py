@@ -145,11 +145,11 @@ def load_pair(models: Path | None, pair: str | PairChoice | None, overrides: dic
 
 ProfileOpt = Annotated[
     str,
-    typer.Option("--profile", help="Customization profile: a shipped name (none, cdr, cdr-fewshot), $CDR_HOME/profiles/NAME.toml, or a path."),
+    typer.Option("--profile", help="Customization profile: a shipped name (none, cdr, cdr-fewshot, cdr-paper: see cdr profiles list), $CDR_HOME/profiles/NAME.toml, or a path."),
 ]
 RouterOpt = Annotated[
     str | None,
-    typer.Option("--router", help="Domain router: model (zero-shot with the strong model), keywords, or none. Default: model when the profile has several domains."),
+    typer.Option("--router", help="Domain router: model (the strong model's likeliest domain name), answer (the strong model answers [START]DOMAIN[END] greedily, else the default domain: the CDR authors' router), keywords, or none. Default: answer for a profile with its own router prompt (cdr-paper), model when the profile has several domains."),
 ]
 
 RayOpt = Annotated[

@@ -47,11 +47,13 @@ from .options import (
 def pairs(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="TRL preference pairs (JSONL): prompt, chosen, rejected, margin + provenance.")],
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="best-random (CDR), best-worst, real-easy, real-hard, real-centroid.")] = "best-random",
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="best-random (CDR), best-worst, random (REAL's baseline), real-easy, real-hard, real-centroid.")] = "best-random",
     min_margin: Annotated[float | None, typer.Option("--min-margin", help="Keep only pairs with margin >= this.")] = None,
-    keep_dissimilar: Annotated[float | None, typer.Option("--keep-dissimilar", help="Selection over labelled pairs: keep this percentage of the least similar chosen/rejected pairs (REAL).")] = None,
+    keep_dissimilar: Annotated[float | None, typer.Option("--keep-dissimilar", metavar="PERCENT", help="Selection over labelled pairs: keep this percentage of the least similar chosen/rejected pairs (REAL's easy subset).")] = None,
+    keep_similar: Annotated[float | None, typer.Option("--keep-similar", metavar="PERCENT", help="Keep this percentage of the most similar pairs (REAL's hard subset).")] = None,
+    keep_random: Annotated[float | None, typer.Option("--keep-random", metavar="PERCENT", help="Keep a random subset of this percentage, seeded by --seed and each id (REAL's random subset; similarity still recorded).")] = None,
     embed_model: Annotated[str | None, typer.Option("--embed-model", metavar="SRC", help="Model for embeddings: a registry name, a GGUF path or a Hub reference, as --strong (default: the pair's strong model).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of best-random (combined with each record id).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of best-random, random and --keep-random (combined with each record id).")] = 0,
     pair: PairOpt = None,
     strong: StrongOpt = None,
     weak: WeakOpt = None,
@@ -91,7 +93,7 @@ def pairs(
     """
     from ..errors import CdrError
     from ..files import is_regular
-    from ..pairs import NEEDS_EMBEDDINGS, STRATEGIES
+    from ..pairs import EMBEDS, STRATEGIES
     from ..pipeline import RunConfig, preflight, run
     from ..profiles import load_profile
     from ..records import parse_line
@@ -102,21 +104,25 @@ def pairs(
     choice.check()
     if strategy not in STRATEGIES:
         raise CdrError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if keep_dissimilar is not None and not 0 < keep_dissimilar <= 100:
-        raise CdrError("--keep-dissimilar is a percentage in (0, 100]")
+    keeps = [(k, v) for k, v in (("dissimilar", keep_dissimilar), ("similar", keep_similar), ("random", keep_random)) if v is not None]
+    if len(keeps) > 1:
+        raise CdrError("give one of --keep-dissimilar, --keep-similar, --keep-random")
+    keep = keeps[0] if keeps else None
+    if keep is not None and not 0 < keep[1] <= 100:
+        raise CdrError(f"--keep-{keep[0]} is a percentage in (0, 100]")
     if limit is not None and limit < 0:
         raise CdrError("--limit must be 0 or more")
     cfg = RunConfig(input=input, output=output, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
                     meta={"command": "pairs", "input": input}, limit=limit)
     preflight(cfg)
-    if keep_dissimilar is not None and (input == "-" or not is_regular(input)):
-        raise CdrError("--keep-dissimilar reads the input twice (a first pass for its threshold): give it a file, not stdin or a pipe")
+    if keep is not None and (input == "-" or not is_regular(input)):
+        raise CdrError(f"--keep-{keep[0]} reads the input twice (a first pass for its threshold): give it a file, not stdin or a pipe")
     ray_opts = ray_options(ray, ray_actors, ray_partition_size)
-    if ray_opts is not None and keep_dissimilar is not None:
-        raise CdrError("--keep-dissimilar does not run on --ray (its threshold needs a first pass over the whole input)")
+    if ray_opts is not None and keep is not None:
+        raise CdrError(f"--keep-{keep[0]} does not run on --ray (its threshold needs a first pass over the whole input)")
     overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
     reg, pair_name = registry_and_pair(models, choice)
-    if embed_model is not None and (strategy in NEEDS_EMBEDDINGS or keep_dissimilar is not None):
+    if embed_model is not None and (strategy in EMBEDS or keep is not None):
         from ..models import with_model
 
         reg, emb = with_model(reg, embed_model, flag="--embed-model")  # checked now, not after the pair has loaded
@@ -126,11 +132,11 @@ def pairs(
     cal = labelling(reg, pair_name, rule, calibration, min_confidence, keep_top, cfg)
     # score on the fly only if some record lacks rewards: decided per record, but the
     # pair is loaded up front unless the input is an annotate output (has "scores")
-    score = keep_dissimilar is None and not _looks_scored(input)
-    mode = "keep-dissimilar" if keep_dissimilar is not None else strategy
+    score = keep is None and not _looks_scored(input)
+    mode = f"keep-{keep[0]}" if keep is not None else strategy
     spec = PairsSpec(
         reg, pair_name, engine_settings(reg, overrides), load_profile(profile) if score else None, router, not no_pull,
-        strategy, embed_model, min_margin, seed, keep_dissimilar, input, rule, cal,
+        strategy, embed_model, min_margin, seed, keep, input, rule, cal,
     )
     display = RunDisplay(f"pairs [{mode}]", quiet=quiet, plain=True if plain else None)
     if ray_opts is not None:
@@ -168,7 +174,7 @@ class PairsSpec:
     embed_model: str | None  # default: the pair's strong model
     min_margin: float | None
     seed: int
-    keep_dissimilar: float | None
+    keep: tuple[str, float] | None  # (selection, percent): --keep-dissimilar/-similar/-random
     input: str
     rule: str | None = None
     calibration: Any = None  # the resolved Calibration, or None
@@ -179,11 +185,11 @@ class PairsSpec:
         from ..embed import Embedder
         from ..models import resolve
         from ..pair import LoadedPair
-        from ..pairs import NEEDS_EMBEDDINGS
+        from ..pairs import EMBEDS
         from ..pairs_task import PairsTask
         from ..ui import say
 
-        mode = "keep-dissimilar" if self.keep_dissimilar is not None else self.strategy
+        mode = f"keep-{self.keep[0]}" if self.keep is not None else self.strategy
         meta: dict[str, Any] = {"strategy": mode, "min_margin": self.min_margin, "seed": self.seed}
         numerics: dict[str, Any] = {"strategy": mode, "seed": self.seed, "min_margin": self.min_margin}
         closers: list[Any] = []
@@ -193,7 +199,7 @@ class PairsSpec:
                 lp = LoadedPair(self.registry, self.pair, self.settings, pull=self.pull, say=say)
                 closers.append(lp)
             embedder = None
-            if self.strategy in NEEDS_EMBEDDINGS or self.keep_dissimilar is not None:
+            if self.strategy in EMBEDS or self.keep is not None:
                 from ..engine.llama import LlamaModel
                 from ..pair import model_sha256
 
@@ -215,11 +221,12 @@ class PairsSpec:
                 meta.update({**lp.metadata(), **scorer.metadata()})
                 numerics.update({**lp.numerics(), **scorer.numerics()})
             task: Any
-            if self.keep_dissimilar is not None:
+            if self.keep is not None:
                 assert embedder is not None
-                task = _DissimilarTask(embedder, _threshold(self.input, embedder, self.keep_dissimilar))
-                meta["keep_dissimilar_percent"] = self.keep_dissimilar
-                numerics["keep_dissimilar_percent"] = self.keep_dissimilar
+                kind, percent = self.keep
+                task = _SelectTask(kind, embedder, _threshold(self.input, embedder, kind, percent, self.seed), self.seed)
+                meta[f"keep_{kind}_percent"] = percent
+                numerics[f"keep_{kind}_percent"] = percent
             else:
                 from ..calibration import Confidence
                 from ..rules import DEFAULT_RULE, parse_rule
@@ -265,23 +272,23 @@ def _looks_scored(input: str) -> bool:
     return False
 
 
-def _threshold(input: str, embedder: Any, percent: float) -> float:
-    """Similarity at the given percentile of chosen/rejected cosine (first pass; embeddings cached)."""
-    import numpy as np
-
+def _threshold(input: str, embedder: Any, kind: str, percent: float, seed: int) -> float:
+    """The selection key (see ``pairs.selection_key``) at the given percentile over the
+    chosen/rejected pairs of the input (a first pass; embeddings are cached)."""
+    from ..pairs import keep_threshold, selection_key
     from ..records import Record, parse_line
 
-    sims = []
+    keys = []
     with open(input, "rb") as f:
         for i, line in enumerate(f, 1):
             r = parse_line(line, i)
             if isinstance(r, Record) and len(r.responses) == 2:
-                sims.append(_cos(embedder.embed(list(r.responses))))
-    if not sims:
+                keys.append(selection_key(kind, r.id, _cos(embedder.embed(list(r.responses))), seed))
+    if not keys:
         from ..errors import CdrError
 
-        raise CdrError("--keep-dissimilar needs records with exactly two responses (chosen/rejected)")
-    return float(np.percentile(sims, percent, method="lower"))
+        raise CdrError(f"--keep-{kind} needs records with exactly two responses (chosen/rejected)")
+    return keep_threshold(keys, percent)
 
 
 def _cos(e: Any) -> float:
@@ -290,24 +297,33 @@ def _cos(e: Any) -> float:
     return cosine(e[0], e[1])
 
 
-class _DissimilarTask:
-    """REAL's selection over labelled pairs: keep the pairs at or below the similarity threshold."""
+class _SelectTask:
+    """REAL's selection over labelled pairs: keep the pairs whose selection key lies at
+    or below the threshold (the least similar, the most similar, or a random share)."""
 
-    def __init__(self, embedder: Any, threshold: float) -> None:
+    WHY = {"dissimilar": "similarity {sim:.4f} above", "similar": "similarity {sim:.4f} below",
+           "random": "random draw {key:.4f} above"}
+
+    def __init__(self, kind: str, embedder: Any, threshold: float, seed: int) -> None:
+        self.kind = kind
         self.embedder = embedder
         self.threshold = threshold
+        self.seed = seed
 
     def process(self, record: Any) -> tuple[dict[str, Any], dict[str, float]]:
+        from ..pairs import selection_key
         from ..pipeline import RecordError
 
         if len(record.responses) != 2:
-            raise RecordError("skipped: --keep-dissimilar needs exactly two responses")
+            raise RecordError(f"skipped: --keep-{self.kind} needs exactly two responses")
         sim = _cos(self.embedder.embed(list(record.responses)))
-        if sim > self.threshold:
-            raise RecordError(f"skipped: similarity {sim:.4f} above the kept share's threshold {self.threshold:.4f}")
+        key = selection_key(self.kind, record.id, sim, self.seed)
+        if key > self.threshold:
+            bound = -self.threshold if self.kind == "similar" else self.threshold
+            raise RecordError(f"skipped: {self.WHY[self.kind].format(sim=sim, key=key)} the kept share's threshold {bound:.4f}")
 
         obj = {"id": record.id, "prompt": record.prompt_raw, "chosen": record.as_response(record.responses[0]),
-               "rejected": record.as_response(record.responses[1]), "similarity": sim, "strategy": "keep-dissimilar"}
+               "rejected": record.as_response(record.responses[1]), "similarity": sim, "strategy": f"keep-{self.kind}"}
         return obj, {"similarity": sim}
 
 
