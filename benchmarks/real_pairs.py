@@ -52,22 +52,23 @@ def build(folder: Path, k: int, seed: int, out: Path) -> None:
     print(f"{out}: {k} instructions x {len(PUBLISHED_LC)} responses (seed {seed})")
 
 
-def mean_ci(x: list[float], rng: np.random.Generator, b: int = 2000) -> str:
+def _boot(x: list[float], rng: np.random.Generator, b: int = 2000) -> tuple[float, float, float] | None:
+    """Mean and 95% bootstrap interval (percentile) of ``x``."""
     if not x:
-        return "-"
+        return None
     a = np.asarray(x, dtype=np.float64)
-    boots = a[rng.integers(0, len(a), (b, len(a)))].mean(1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return f"{a.mean():.3g} ({lo:.3g} to {hi:.3g})"
+    lo, hi = np.percentile(a[rng.integers(0, len(a), (b, len(a)))].mean(1), [2.5, 97.5])
+    return float(a.mean()), float(lo), float(hi)
 
 
-def share_ci(x: list[bool], rng: np.random.Generator, b: int = 2000) -> str:
-    if not x:
-        return "-"
-    a = np.asarray(x, dtype=np.float64)
-    boots = a[rng.integers(0, len(a), (b, len(a)))].mean(1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return f"{100 * a.mean():.0f}% ({100 * lo:.0f}-{100 * hi:.0f})"
+def mean_ci(x: list[float], rng: np.random.Generator) -> str:
+    m = _boot(x, rng)
+    return "-" if m is None else f"{m[0]:.3g} ({m[1]:.3g} to {m[2]:.3g})"
+
+
+def share_ci(x: list[bool], rng: np.random.Generator) -> str:
+    m = _boot([float(v) for v in x], rng)
+    return "-" if m is None else f"{100 * m[0]:.0f}% ({100 * m[1]:.0f}-{100 * m[2]:.0f})"
 
 
 def stats(bon: Path, outputs: list[tuple[str, Path]], seed: int) -> None:

@@ -538,18 +538,23 @@ def test_real_easy_cli(run: Run, tiny_bos_model: Path, tmp_path: Path) -> None:
         m.close()
 
 
+def _pair_similarities(recs: list[dict[str, Any]], model: Path, tmp_path: Path) -> dict[str, float]:
+    """Each labelled record's chosen/rejected cosine, computed here (the reference for the CLI's)."""
+    m, emb = _embedder(model, tmp_path)
+    try:
+        return {r["id"]: _cos(*emb.embed([r["chosen"], r["rejected"]])) for r in recs}
+    finally:
+        emb.close()
+        m.close()
+
+
 def test_keep_dissimilar(run: Run, tiny_bos_model: Path, tmp_path: Path) -> None:
     recs = _labelled()
     inp = run.dir / "labelled.jsonl"
     inp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
     out = run.dir / "dissimilar.jsonl"
     run.pairs_cmd(inp, out, "--keep-dissimilar", 50)
-    m, emb = _embedder(tiny_bos_model, tmp_path)
-    try:
-        sims = {r["id"]: _cos(*emb.embed([r["chosen"], r["rejected"]])) for r in recs}
-    finally:
-        emb.close()
-        m.close()
+    sims = _pair_similarities(recs, tiny_bos_model, tmp_path)
     kept = rows(out)
     assert len(kept) == len(recs) // 2
     lowest = sorted(sims, key=sims.__getitem__)[: len(recs) // 2]
@@ -573,12 +578,7 @@ def test_keep_similar_and_random(run: Run, tiny_bos_model: Path, tmp_path: Path)
     recs = _labelled()
     inp = run.dir / "labelled.jsonl"
     inp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
-    m, emb = _embedder(tiny_bos_model, tmp_path)
-    try:
-        sims = {r["id"]: _cos(*emb.embed([r["chosen"], r["rejected"]])) for r in recs}
-    finally:
-        emb.close()
-        m.close()
+    sims = _pair_similarities(recs, tiny_bos_model, tmp_path)
     half = len(recs) // 2
     hard = run.dir / "similar.jsonl"
     run.pairs_cmd(inp, hard, "--keep-similar", 50)
