@@ -21,16 +21,18 @@ import numpy as np
 from .paths import home_dir
 
 if TYPE_CHECKING:
-    from .engine.llama import LlamaModel
+    from .engine import LanguageModel
 
 
 class Embedder:
-    def __init__(self, model: LlamaModel, model_sha256: str, cache: Path | None = None) -> None:
+    def __init__(self, model: LanguageModel, model_sha256: str, cache: Path | None = None) -> None:
         if not model.embeddings:
             raise ValueError("the model context must be created with embeddings=True")
         self.model = model
-        self.model_sha256 = model_sha256
-        self.cache_path = cache if cache is not None else home_dir() / "embeddings" / f"{model_sha256[:12]}.sqlite"
+        backend = model.describe()["backend"]
+        # another backend's vectors are other numbers: their own cache (llama.cpp's keeps its old name)
+        self.model_sha256 = model_sha256 if backend == "llama.cpp" else hashlib.sha256(f"{model_sha256}:{backend}".encode()).hexdigest()
+        self.cache_path = cache if cache is not None else home_dir() / "embeddings" / f"{self.model_sha256[:12]}.sqlite"
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.cache_path)
         self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, dim INTEGER, vec BLOB)")

@@ -224,6 +224,7 @@ class ModelSpec:
     description: str = ""
     license: str | None = None
     convert: str | None = None
+    backend: str = "llama.cpp"  # engine/backends.py: which library runs it
 
     @property
     def source_kind(self) -> str:
@@ -641,7 +642,7 @@ class _Parser:
         w = ("models", name)
         self.keys(
             t,
-            ("description", "license", "sha256", "chat_template", "convert", "path", "pypi", "hub"),
+            ("description", "license", "sha256", "chat_template", "convert", "backend", "path", "pypi", "hub"),
             *w,
         )
         sha = self.sha(t, *w)
@@ -702,6 +703,11 @@ class _Parser:
         convert = self.string(t, "convert", *w)
         if convert is not None and convert not in CONVERT_TYPES:
             raise self.err(_key(*w, "convert"), f"must be one of {', '.join(CONVERT_TYPES)}")
+        from .engine.backends import BACKENDS, DEFAULT_BACKEND
+
+        backend = self.string(t, "backend", *w) or DEFAULT_BACKEND
+        if backend not in BACKENDS:
+            raise self.err(_key(*w, "backend"), f"must be one of {', '.join(BACKENDS)}")
         template = self.string(t, "chat_template", *w)
         if template is not None and not template.strip():
             raise self.err(_key(*w, "chat_template"), "must not be empty (leave it out instead)")
@@ -713,6 +719,7 @@ class _Parser:
             description=self.string(t, "description", *w) or "",
             license=self.string(t, "license", *w),
             convert=convert,
+            backend=backend,
         )
 
     def pair(self, name: str, t: dict[str, Any], models: Mapping[str, ModelSpec]) -> PairSpec:

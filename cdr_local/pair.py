@@ -14,6 +14,7 @@ from . import __version__
 from .atomic import write_bytes_atomic
 from .chat import Message
 from .engine import EngineSettings
+from .engine.backends import DEFAULT_BACKEND
 from .errors import ModelError
 from .models import ModelSpec, PairSpec, PathSource, Registry, hash_notice, resolve
 from .paths import home_dir
@@ -103,15 +104,15 @@ class LoadedPair:
         pull: bool = True,
         say: Callable[[str], None] | None = None,
     ) -> None:
-        from .engine.llama import LlamaModel
+        from .engine import LanguageModel, load_model
 
         self.spec: PairSpec = registry.pair(pair_name)
         self.settings = settings
         self.registry = registry
         specs = {"strong": registry.model(self.spec.strong.model), "weak": registry.model(self.spec.weak.model)}
         self.paths: dict[str, Path] = {}
-        loaded: dict[Path, LlamaModel] = {}
-        self._models: list[LlamaModel] = []
+        loaded: dict[tuple[Path, str], LanguageModel] = {}
+        self._models: list[LanguageModel] = []
         self.sides: dict[str, ChatSide] = {}
         self.model_specs: dict[str, ModelSpec] = specs
         try:
@@ -125,10 +126,10 @@ class LoadedPair:
             for role in ("strong", "weak"):
                 spec = specs[role]
                 path = self.paths[role]
-                key = path.resolve()
-                # one model file is loaded once; each side gets its own context
-                # on those weights, so each keeps its own cached prompt prefix
-                m = loaded[key].sibling() if key in loaded else LlamaModel(path, settings, name=spec.name)
+                key = (path.resolve(), spec.backend)
+                # one model file is loaded once (per backend); each side gets its own
+                # context on those weights, so each keeps its own cached prompt prefix
+                m = loaded[key].sibling() if key in loaded else load_model(path, settings, name=spec.name, backend=spec.backend)
                 loaded.setdefault(key, m)
                 self._models.append(m)
                 side = getattr(self.spec, role)
@@ -160,9 +161,7 @@ class LoadedPair:
         return [ResponseScore(strong=a, weak=b) for a, b in zip(s, w, strict=True)]
 
     def metadata(self) -> dict[str, Any]:
-        from .engine.llama import library_version
-
-        models = {}
+        models: dict[str, dict[str, Any]] = {}
         for role in ("strong", "weak"):
             spec = self.model_specs[role]
             side = self.sides[role]
@@ -180,10 +179,12 @@ class LoadedPair:
                 "n_vocab": side.model.n_vocab,
                 "n_ctx_effective": side.model.n_ctx,  # llama.cpp may round n_ctx up
             }
+            if spec.backend != DEFAULT_BACKEND:  # say so: its numbers are not llama.cpp's
+                models[role]["backend"] = {k: v for k, v in side.model.describe().items() if k != "numerics"}
         return {
             "tool": "cdr-local",
             "version": __version__,
-            "llama_cpp_python": library_version(),
+            **self._libraries(),
             "pair": self.spec.name,
             "registry": str(self.registry.path),
             "models": models,
@@ -198,13 +199,21 @@ class LoadedPair:
 
         return pair_identity(self.registry, self.spec.name)
 
-    def numerics(self) -> dict[str, Any]:
-        """The settings that change scores: a resumed run must match them."""
-        from .engine.llama import library_version
+    def _libraries(self) -> dict[str, Any]:
+        """What computes the numbers, per side (``engine.library_keys``)."""
+        from .engine import library_keys
 
+        out: dict[str, Any] = {}
+        for role in ("strong", "weak"):
+            out.update(library_keys(self.sides[role].model, role))
+        return out
+
+    def numerics(self) -> dict[str, Any]:
+        """The settings that change scores: a resumed run must match them (and a
+        side's backend: llama.cpp and transformers numbers never mix)."""
         meta = self.metadata()
         return {
-            "llama_cpp_python": library_version(),
+            **self._libraries(),
             "cdr_local": __version__,
             **{f"{r}.sha256": meta["models"][r]["sha256"] for r in ("strong", "weak")},
             **{f"{r}.system": meta["models"][r]["system"] for r in ("strong", "weak")},

@@ -22,7 +22,7 @@ from .chat import Message, TemplateError, resolve_template, split_template
 from .engine import ScoreRequest
 
 if TYPE_CHECKING:
-    from .engine.llama import LlamaModel
+    from .engine import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def with_system(messages: Sequence[Message], system: str | None) -> list[Message
 class ChatSide:
     """A loaded model as one side of a pair: template, system prompt, truncation."""
 
-    def __init__(self, model: LlamaModel, *, system: str | None, fallback_template: str | None, template: str | None = None) -> None:
+    def __init__(self, model: LanguageModel, *, system: str | None, fallback_template: str | None, template: str | None = None) -> None:
         self.model = model
         self.system = system
         # a side's own template (models.toml: side.template) wins over the GGUF's

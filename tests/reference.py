@@ -10,6 +10,7 @@ why the two then agree bitwise whenever every engine decode has >= 8 rows.)
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import numpy as np
 
@@ -115,3 +116,25 @@ def brute_embedding(path: str, tokens: list[int], skip_first: bool, n_threads: i
         ll.llama_batch_free(batch)
         ll.llama_free(ctx)
         ll.llama_model_free(model)
+
+
+_HF_MODELS: dict[str, object] = {}
+
+
+def brute_logprobs_hf(path: str, context: list[int], continuation: list[int]) -> np.ndarray:
+    """The transformers backend's reference: its model (loaded here, not through
+    the backend), the whole sequence in one forward pass without padding or
+    mask, logits at every position, a float64 log-softmax over the vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if path not in _HF_MODELS:
+        p = Path(path)
+        _HF_MODELS[path] = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    model = _HF_MODELS[path]
+    seq = list(context) + list(continuation)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([seq])).logits[0].to(torch.float64)  # type: ignore[operator]
+    lp = torch.log_softmax(logits, dim=-1)
+    P = len(context)
+    return np.array([float(lp[P - 1 + i, t]) for i, t in enumerate(continuation)], dtype=np.float64)

@@ -1,6 +1,6 @@
 """``cdr synth`` (RMBoost) on tiny GGUF models, with real llama.cpp.
 
-Sampling (``_sample``), generation (``LlamaModel.generate``), the conditioning
+Sampling (``engine.sampling.sample``), generation (``LlamaModel.generate``), the conditioning
 prompt against the shipped templates (``rewrite`` by name; ``rmboost``, the default: tags,
 retries), template validation, the CLI
 (reruns, ``--verify``, ``--keep agree``, rejects) and SIGKILL + ``--resume``.
@@ -27,7 +27,8 @@ from test_cli import CDR, _env
 
 from cdr_local.chat import Message
 from cdr_local.engine import EngineSettings, ScoreRequest
-from cdr_local.engine.llama import LlamaModel, _sample
+from cdr_local.engine.llama import LlamaModel
+from cdr_local.engine.sampling import sample as _sample
 from cdr_local.errors import ConfigError
 from cdr_local.pipeline import RecordError
 from cdr_local.records import Record, Reject, parse_prompt_line

@@ -200,18 +200,21 @@ class PairsSpec:
                 closers.append(lp)
             embedder = None
             if self.strategy in EMBEDS or self.keep is not None:
-                from ..engine.llama import LlamaModel
+                from ..engine import library_keys, load_model
+                from ..engine.backends import DEFAULT_BACKEND
                 from ..pair import model_sha256
 
                 name = self.embed_model or self.registry.pair(self.pair).strong.model
                 spec = self.registry.model(name)
                 path = resolve(spec, pull=self.pull, progress=say)
-                em = LlamaModel(path, self.settings, name=name, embeddings=True)
+                em = load_model(path, self.settings, name=name, backend=spec.backend, embeddings=True)
                 closers.append(em)
                 sha = model_sha256(spec, path)
                 embedder = Embedder(em, sha)
                 closers.append(embedder)
                 emb = {"embed_model": name, "embed_model_sha256": sha, "embedding": "mean of final hidden states of the response alone"}
+                if spec.backend != DEFAULT_BACKEND:
+                    emb.update(library_keys(em, "embed"))
                 meta.update(emb)
                 numerics.update(emb)
             scorer = None

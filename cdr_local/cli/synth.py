@@ -74,7 +74,7 @@ def synth(
     from rich.console import Console
     from rich.table import Table
 
-    from ..engine.llama import LlamaModel
+    from ..engine import LanguageModel, library_keys, load_model
     from ..errors import CdrError
     from ..models import resolve, with_model
     from ..pair import LoadedPair, model_sha256
@@ -134,21 +134,19 @@ def synth(
     path = resolve(spec, pull=not no_pull, progress=say)
     gen_sha = model_sha256(spec, path, say)
     verifier: LoadedPair | None = None
-    gen: LlamaModel | None = None
+    gen: LanguageModel | None = None
     try:
         if verify is not None:  # its files are resolved (and both its models loaded) before the generator loads
             verifier = LoadedPair(reg, verify, settings, pull=not no_pull, say=say)
-        gen = LlamaModel(path, settings, name=name)
+        gen = load_model(path, settings, name=name, backend=spec.backend)
         side = ChatSide(gen, system=None, fallback_template=spec.chat_template)
         task = SynthTask(side, t, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, verifier=verifier, keep=keep)
-        from ..engine.llama import library_version
-
         gen_meta: dict[str, Any] = {**task.generation_settings(), "model_sha256": gen_sha}
         meta: dict[str, Any] = {"command": "synth", "input": input, "generation": gen_meta, "keep": keep,
-                                "engine": settings.to_json(), "llama_cpp_python": library_version()}
+                                "engine": settings.to_json(), **library_keys(gen, "generator")}
         numerics: dict[str, Any] = {**{f"generation.{k}": v for k, v in gen_meta.items()},
                                     "templates_sha256": _sha(t.path), **{f"engine.{k}": v for k, v in settings.to_json().items()},
-                                    "llama_cpp_python": library_version()}
+                                    **library_keys(gen, "generator")}
         if verifier is not None:
             meta.update({"verify": verifier.metadata()})
             numerics.update({f"verify.{k}": v for k, v in verifier.numerics().items()})

@@ -1,22 +1,30 @@
-"""The scoring interface: ``loglikelihood(requests) -> results``.
+"""The model interface: what every caller of a loaded model may use.
 
-Like lm-evaluation-harness's ``LM.loglikelihood``, but on token ids and with
-one context shared by several continuations, so an implementation can decode
-the context once.  The only implementation (``engine.llama``) runs llama.cpp's
-low-level API; this module imports nothing heavy, so the CLI starts fast.
+A backend is one module with a class that implements :class:`LanguageModel`,
+registered by name in ``engine/backends.py`` and loaded with
+:func:`load_model`; nothing outside ``engine/`` constructs one.  Shipped:
+``llama.cpp`` (``engine/llama.py``, the default) and ``transformers``
+(``engine/hf.py``, an optional extra).
+
+Scoring is ``loglikelihood(requests) -> results``, as lm-evaluation-harness's
+``_loglikelihood_tokens``, batch in and list out, on token ids, with one
+context shared by several continuations, so an implementation can decode the
+context once.  This module imports nothing heavy, so the CLI starts fast.
 
 Numerics contract: the log-probs of a request depend only on the request and
 the :class:`EngineSettings` -- never on the other requests of a call, on what
 was decoded before, or on where a resumed run restarted.  The llama.cpp engine
 achieves this by decoding every request with a scheme fixed by the request
-alone (see ``engine/llama.py``).
+alone (see ``engine/llama.py``); the transformers engine runs each request as
+one padded batch of its own continuations (see ``engine/hf.py``).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -104,11 +112,91 @@ class ScoreRequest:
         return sum(len(s) for s in self.context)
 
 
-class Scorer(Protocol):
-    """What the pipeline needs from a model."""
+class LanguageModel(Protocol):
+    """Everything callers use of a loaded model (``scoring.ChatSide``, ``embed``,
+    ``router``, ``synth``, ``pair``).  Token ids are the backend's own."""
 
-    n_ctx: int
+    name: str
+    path: Path
+    settings: EngineSettings
+    n_ctx: int  # the context actually allocated (a backend may round it)
+    n_vocab: int
+    n_embd: int
+    add_bos: bool  # tokenize(add_special=True) prepends bos_id
+    bos_id: int  # -1: none
+    eos_id: int
+    eot_id: int
+    embeddings: bool  # made for hidden_states()
+
+    def chat_template(self) -> str | None:
+        """The model's own chat template (GGUF ``tokenizer.chat_template``), if any."""
+        ...
+
+    def meta(self, key: str) -> str | None:
+        """One GGUF metadata value as text (``general.name``, ...), or None."""
+        ...
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """llama.cpp's semantics: ``add_special`` adds BOS where the model adds one;
+        ``parse_special`` reads special-token text (``<|im_end|>``) as that token."""
+        ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    def token_text(self, token: int) -> str: ...
+
+    def is_eog(self, token: int) -> bool:
+        """An end-of-generation token (EOS, EOT, ...)."""
+        ...
+
+    def end_token(self) -> int:
+        """The token that ends an assistant turn when the template writes none."""
+        ...
 
     def loglikelihood(self, requests: list[ScoreRequest]) -> list[list[np.ndarray]]:
         """Per request, per continuation: float64 log-prob of each token."""
         ...
+
+    def sibling(self, *, embeddings: bool = False) -> LanguageModel:
+        """Another handle on the same weights with a cache of its own."""
+        ...
+
+    def generate(self, context: tuple[int, ...], *, max_tokens: int, temperature: float = 0.7, top_p: float = 0.95,
+                 seed: int = 0, on_token: Any = None) -> list[int]:
+        """Optional (synth, the answer router): a seeded sample; a backend without
+        it raises ModelError."""
+        ...
+
+    def hidden_states(self, tokens: list[int]) -> np.ndarray:
+        """Optional (REAL embeddings): final hidden states after the output norm."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """``backend``, ``library``, ``version`` and the ``numerics`` keys that
+        change numbers: recorded in the metadata and guarded on --resume."""
+        ...
+
+    def close(self) -> None: ...
+
+
+#: The old name of the scoring part of :class:`LanguageModel`.
+Scorer = LanguageModel
+
+
+def load_model(path: str | Path, settings: EngineSettings, *, name: str | None = None, backend: str | None = None,
+               embeddings: bool = False) -> LanguageModel:
+    """Load a model with the named backend (default llama.cpp); see ``engine/backends.py``."""
+    from .backends import get_backend
+
+    return get_backend(backend).load(path, settings, name=name, embeddings=embeddings)
+
+
+def library_keys(model: LanguageModel, role: str | None = None) -> dict[str, Any]:
+    """What computes ``model``'s numbers, as metadata and resume-guard keys:
+    llama.cpp's version under the key every earlier output has
+    (``llama_cpp_python``, so those still resume), another backend's versions
+    and device under ``ROLE.backend`` (so the guard refuses to mix backends)."""
+    d = model.describe()
+    if d["backend"] == "llama.cpp":
+        return dict(d["numerics"])
+    return {f"{role}.backend" if role else "backend": {"backend": d["backend"], **d["numerics"]}}

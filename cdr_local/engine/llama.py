@@ -65,6 +65,7 @@ import numpy as np
 
 from ..errors import ModelError
 from . import EngineSettings, ScoreRequest
+from .sampling import sample
 
 _LOG_LOCK = threading.Lock()
 _LOG_TAIL: deque[str] = deque(maxlen=20)
@@ -173,6 +174,34 @@ def convert_gguf(src: Path, dst: Path, kind: str, n_threads: int = 0) -> None:
     if rc != 0:
         why = _last_error()
         raise ModelError(f"cannot convert {src} to {kind}: {why or f'llama_model_quantize returned {rc}'}")
+
+
+def vocab_specials(path: Path) -> dict[str, Any]:
+    """The special tokens llama.cpp takes for a GGUF (vocabulary only, no weights
+    loaded): BOS/EOS/EOT ids, whether BOS is added, and every end-of-generation
+    token.  Where a GGUF names no EOT, llama.cpp picks one by name in a hash-map
+    order no other library reproduces: another backend asks here, so the tokens
+    around the text are the same whichever library scores."""
+    check_gguf_header(path)
+    ll = _llama()
+    mp = ll.llama_model_default_params()
+    mp.vocab_only = True
+    mp.use_extra_bufts = False
+    model = ll.llama_model_load_from_file(str(path).encode(), mp)
+    if not model:
+        raise ModelError(f"cannot read the vocabulary of {path}: {_last_error() or 'llama.cpp rejected the file'}")
+    try:
+        v = ll.llama_model_get_vocab(model)
+        n = int(ll.llama_vocab_n_tokens(v))
+        return {
+            "add_bos": bool(ll.llama_vocab_get_add_bos(v)),
+            "bos": int(ll.llama_vocab_bos(v)),
+            "eos": int(ll.llama_vocab_eos(v)),
+            "eot": int(ll.llama_vocab_eot(v)),
+            "eog": [t for t in range(n) if ll.llama_vocab_is_eog(v, t)],
+        }
+    finally:
+        ll.llama_model_free(model)
 
 
 class _Weights:
@@ -525,6 +554,11 @@ class LlamaModel:
         return self._pool
 
     # --------------------------------------------------------------- cleanup
+    def describe(self) -> dict[str, Any]:
+        """The backend and what changes its numbers (see ``engine.LanguageModel``)."""
+        v = library_version()
+        return {"backend": "llama.cpp", "library": "llama-cpp-python", "version": v, "numerics": {"llama_cpp_python": v}}
+
     def sibling(self, *, embeddings: bool = False) -> LlamaModel:
         """Another context on the same weights (see class docstring)."""
         return LlamaModel(self.path, self.settings, self.name, embeddings=embeddings, _weights=self._weights)
@@ -553,7 +587,7 @@ class LlamaModel:
         pos = P
         try:
             for _ in range(max_tokens):
-                t = _sample(row, rng, temperature, top_p)
+                t = sample(row, rng, temperature, top_p)
                 out.append(t)
                 if on_token is not None:
                     on_token()
@@ -619,23 +653,6 @@ class LlamaModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _sample(row: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
-    """One token from a logits row: greedy at temperature 0, else temperature + top-p."""
-    if temperature <= 0:
-        return int(np.argmax(row))
-    z = row.astype(np.float64) / temperature
-    z -= z.max()
-    p = np.exp(z)
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, top_p)) + 1]
-        q = p[keep] / p[keep].sum()
-        return int(keep[rng.choice(len(keep), p=q)])
-    return int(rng.choice(len(p), p=p))
 
 
 def _spans(n: int, n_batch: int) -> list[tuple[int, int]]:
