@@ -67,13 +67,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each configuration (interleaved); the best is shown")
     a = ap.parse_args()
 
-    from cdr_local.cli.annotate import ScoringSpec
     from cdr_local.distributed import RayOptions, import_ray, run_on_ray
     from cdr_local.models import load_registry
     from cdr_local.pair import settings_from
     from cdr_local.pipeline import RunConfig, run
     from cdr_local.profiles import load_profile
     from cdr_local.records import parse_line
+    from cdr_local.runs import ScoringSpec
 
     ray = import_ray()
     work = Path(tempfile.mkdtemp(prefix="cdr-ray-bench-"))

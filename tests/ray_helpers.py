@@ -21,7 +21,7 @@ class SlowTask:
 
 @dataclass(frozen=True)
 class SlowFactory:
-    """Wraps a task factory (cdr_local.cli.annotate.ScoringSpec) with :class:`SlowTask`."""
+    """Wraps a task factory (cdr_local.runs.ScoringSpec) with :class:`SlowTask`."""
 
     inner: Any
     delay: float

@@ -244,13 +244,13 @@ def test_fault_mid_run(
     go to the live actors, and the output is whole, duplicate-free and the same."""
     from ray_helpers import SlowFactory
 
-    from cdr_local.cli.annotate import ScoringSpec
     from cdr_local.distributed import RayOptions, run_on_ray
     from cdr_local.models import load_registry
     from cdr_local.pair import settings_from
     from cdr_local.pipeline import RunConfig
     from cdr_local.profiles import load_profile
     from cdr_local.records import parse_line
+    from cdr_local.runs import ScoringSpec
 
     reg = load_registry(tiny_registry)
     factory = SlowFactory(ScoringSpec(reg, None, settings_from(reg, n_threads=1), load_profile("none"), None, True), 0.03)

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..atomic import write_bytes_atomic
 from .annotate import (
     ForceOpt,
     InputArg,
@@ -17,7 +16,6 @@ from .annotate import (
     QuietOpt,
     RejectsOpt,
     ResumeOpt,
-    run_scoring,
 )
 from .options import (
     CalibrationOpt,
@@ -99,17 +97,9 @@ def eval_(
     from rich.console import Console
 
     from ..errors import CdrError
-    from ..evaluate import (
-        MAIN,
-        pairs_from_output,
-        plot,
-        report,
-        report_table,
-        sample_lines,
-        section_table,
-        subset_table,
-    )
+    from ..evaluate import plot, report_table, sample_lines, section_table, subset_table
     from ..rules import parse_rule
+    from ..runs import ScoringOptions, eval_paths, eval_report, run_scoring
     from .options import engine_overrides, ray_options
 
     choice = PairChoice(pair, strong, weak, strong_system, weak_system)
@@ -124,11 +114,8 @@ def eval_(
     for x in [*extra_rules, *([rule] if rule else [])]:
         parse_rule(x, {"strong_offset": 0.0, "weak_offset": 0.0, "length_slope": 0.0})  # names and syntax, before any work
     first = limit if report_only else None
-    stem = Path(output).with_suffix("").as_posix() + (f".first{first}" if first is not None else "")
+    stem, reports = eval_paths(output, first, calibrate)
     rep_path = stem + ".report.json"
-    reports = [("report", rep_path), ("plot", stem + ".report.png"), ("rewardbench results", stem + ".rewardbench.json")]
-    if calibrate:
-        reports.append(("calibration", stem + ".calibration.json"))
     if not report_only:
         select = None
         if per_section is not None:
@@ -137,12 +124,12 @@ def eval_(
             if input == "-" or not is_regular(input):
                 raise CdrError("--per-section needs the input as a regular file (it is read twice)")
             select = sample_lines(input, per_section, seed)
-        summary = run_scoring(
-            "eval", input, output, choice, models, profile, router, resume, overwrite, force, rejects, limit, quiet, plain,
-            engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull, select,
-            ray_options(ray, ray_actors, ray_partition_size), token_logprobs=token_logprobs, also_writes=tuple(reports),
-            rule=rule, calibration=calibration,
-        )
+        summary = run_scoring("eval", input, output, ScoringOptions(
+            pair=choice, models=models, profile=profile, router=router, rule=rule, calibration=calibration,
+            resume=resume, overwrite=overwrite, force=force, rejects=rejects, limit=limit, quiet=quiet, plain=plain,
+            engine=engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), pull=not no_pull,
+            select=select, ray=ray_options(ray, ray_actors, ray_partition_size), token_logprobs=token_logprobs,
+            also_writes=tuple(reports)))
         if summary.interrupted:
             raise typer.Exit(130)
         from .common import require_scored
@@ -152,53 +139,9 @@ def eval_(
     from ..files import check_distinct
 
     check_distinct([("input", None if report_only else input), ("output", output), *reports])
-    meta_path = Path(output + ".meta.json")
-    meta = orjson.loads(meta_path.read_bytes()) if meta_path.exists() else {}
-    main = rule or (meta.get("rule") or {}).get("label") or MAIN
-    try:
-        if first is not None and first < 1:
-            raise CdrError("--limit must be at least 1")
-        pairs = pairs_from_output(output, limit=first, extra=[*extra_rules, *([main] if ":" in main else [])])
-        if first is not None and len(pairs) < first:
-            raise CdrError(f"{output} holds {len(pairs)} labelled pairs, fewer than --limit {first}")
-        if main not in (pairs[0].values if pairs else {}):
-            main = MAIN
-        rep = report(pairs, n_boot=bootstrap, seed=0)
-    except ValueError as e:
-        raise CdrError(str(e)) from None
-    from ..evaluate import estimated_params
-
-    params = estimated_params(pairs)
-    rep["main"] = main
-    rep["rule_params"] = {"estimated_from": "these pairs, without their labels", **params}
-    rep["pair"] = meta.get("pair")
-    rep["models"] = {r: {"model": m.get("model"), "sha256": m.get("sha256")} for r, m in (meta.get("models") or {}).items()}
-    rep["profile"] = (meta.get("profile") or {}).get("name")
-    rep["router"] = meta.get("router")
-    if first is not None:
-        rep["first"] = first
-    if calibrate:
-        from .. import calibration as C
-
-        ident = meta.get("calibration_models")
-        if not ident and meta.get("pair"):  # outputs of versions before calibrations: the registry knows the models
-            from ..models import load_registry
-
-            try:
-                ident = C.pair_identity(load_registry(models), str(meta["pair"]))
-            except CdrError:
-                ident = {}
-        cal = C.fit(pairs, params, pair=str(meta.get("pair")), models=ident or {},
-                    rule=main, fitted_on={"output": output, "pairs": len(pairs), "sections": rep["sections"],
-                                          "input": meta.get("input"), "input_sha256": meta.get("input_sha256"),
-                                          "per_section": per_section, "seed": seed})
-        write_bytes_atomic(Path(stem + ".calibration.json"), orjson.dumps(cal.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-        rep["calibration"] = {"path": stem + ".calibration.json", "rule": main, **cal.quality.get(main, {}),
-                              "confidence": cal.confidence.get(main), "tau": cal.tau.get(main)}
-    write_bytes_atomic(Path(rep_path), orjson.dumps(rep, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    from ..interop import rewardbench_results
-
-    write_bytes_atomic(Path(stem + ".rewardbench.json"), orjson.dumps(rewardbench_results(rep, main), option=orjson.OPT_INDENT_2))
+    rep, pairs, _ = eval_report(output, rule=rule, rules=extra_rules, bootstrap=bootstrap, first=first, calibrate=calibrate,
+                                models=models, per_section=per_section, seed=seed)
+    main = rep["main"]
     console = Console(highlight=False)
     if not console.is_terminal:
         console = Console(highlight=False, width=max(console.width, 160))

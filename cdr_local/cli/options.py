@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
-if TYPE_CHECKING:
-    from ..models import Registry
+from ..assembly import (  # noqa: F401  (re-exported: the commands import them from here)
+    PairChoice,
+    engine_overrides,
+    engine_settings,
+    load_pair,
+    load_registry,
+    pair_choice,
+    ray_options,
+    registry_and_pair,
+)
 
 ModelsOpt = Annotated[
     Path | None,
@@ -26,66 +33,6 @@ StrongSystemOpt = Annotated[str | None, typer.Option("--strong-system", metavar=
 WeakSystemOpt = Annotated[str | None, typer.Option("--weak-system", metavar="TEXT", help="System prompt of the --weak side.")]
 
 
-@dataclass(frozen=True)
-class PairChoice:
-    """Which pair a command scores with: ``--pair NAME`` (or the default pair), or
-    ``--strong SRC --weak SRC`` (two models given on the command line)."""
-
-    pair: str | None = None
-    strong: str | None = None
-    weak: str | None = None
-    strong_system: str | None = None
-    weak_system: str | None = None
-
-    @property
-    def byo(self) -> bool:
-        return self.strong is not None or self.weak is not None
-
-    def check(self) -> None:
-        """Flag conflicts, before anything else is done."""
-        from ..errors import ConfigError
-
-        if self.byo and self.pair is not None:
-            raise ConfigError("--pair and --strong/--weak exclude each other: name a registry pair, or two models")
-        if self.byo and (self.strong is None or self.weak is None):
-            given, missing = ("--strong", "--weak") if self.weak is None else ("--weak", "--strong")
-            raise ConfigError(f"{given} needs {missing} too: a pair is two models (one model under two "
-                              "system prompts: the same SRC twice, with --strong-system / --weak-system)")
-        for flag, v, side in (("--strong-system", self.strong_system, self.strong),
-                              ("--weak-system", self.weak_system, self.weak)):
-            if v is not None and side is None:
-                raise ConfigError(f"{flag} goes with --strong and --weak (a registry pair has its own system prompts)")
-
-    def resolve(self, reg: Registry) -> tuple[Registry, str | None]:
-        """``reg`` (with the --strong/--weak pair added) and the pair's name; an
-        unknown --pair fails here.  Nothing is loaded or downloaded."""
-        self.check()
-        if not self.byo:
-            reg.pair(self.pair)
-            return reg, self.pair
-        from ..models import with_byo_pair
-
-        assert self.strong is not None and self.weak is not None
-        return with_byo_pair(reg, self.strong, self.weak, self.strong_system, self.weak_system)
-
-
-def pair_choice(pair: str | PairChoice | None) -> PairChoice:
-    return pair if isinstance(pair, PairChoice) else PairChoice(pair)
-
-
-def load_registry(models: Path | None) -> Registry:
-    """The registry a command uses: shipped, user's, then --models / CDR_MODELS, merged."""
-    from ..models import load_merged_registry
-
-    return load_merged_registry(models)
-
-
-def registry_and_pair(models: Path | None, pair: str | PairChoice | None) -> tuple[Registry, str | None]:
-    """The merged registry with the chosen pair, and that pair's name, checked before any model loads."""
-    choice = pair_choice(pair)
-    choice.check()
-    return choice.resolve(load_registry(models))
-
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: [engine] n_threads; 0 = all cores).")]
 NCtxOpt = Annotated[int | None, typer.Option("--n-ctx", help="Context window in tokens; longer records are truncated (and flagged).")]
 NBatchOpt = Annotated[int | None, typer.Option("--n-batch", help="Tokens per llama_decode call.")]
@@ -101,47 +48,6 @@ ParallelOpt = Annotated[
 ]
 NoPullOpt = Annotated[bool, typer.Option("--no-pull", help="Fail instead of fetching missing registry models.")]
 
-
-def engine_overrides(threads: Any, n_ctx: Any, n_batch: Any, n_ubatch: Any, n_gpu_layers: Any, parallel: bool) -> dict[str, Any]:
-    return {
-        "n_threads": threads,
-        "n_ctx": n_ctx,
-        "n_batch": n_batch,
-        "n_ubatch": n_ubatch,
-        "n_gpu_layers": n_gpu_layers,
-        "parallel_responses": parallel or None,
-    }
-
-
-def engine_settings(reg: Any, overrides: dict[str, Any]) -> Any:
-    """models.toml's [engine] table plus command-line overrides; bad values are a ConfigError."""
-    from ..errors import ConfigError
-    from ..pair import settings_from
-
-    try:
-        return settings_from(reg, **overrides)
-    except ValueError as e:
-        msg = str(e)
-        name = msg.split(" ", 1)[0]
-        flag = _FLAGS.get(name)
-        if flag and overrides.get(name) is not None:  # the value came from the command line
-            msg = f"{flag} {msg.split(' ', 1)[1]}"
-        elif flag:
-            msg = f"{reg.origins.get('engine.' + name, reg.path)}: engine.{msg}"
-        raise ConfigError(msg) from None
-
-
-_FLAGS = {"n_ctx": "--n-ctx", "n_batch": "--n-batch", "n_ubatch": "--n-ubatch", "n_threads": "--threads",
-          "n_gpu_layers": "--n-gpu-layers"}
-
-
-def load_pair(models: Path | None, pair: str | PairChoice | None, overrides: dict[str, Any], no_pull: bool) -> Any:
-    """Registry -> pair -> settings -> loaded pair, with user errors as CdrError (all but the load before it)."""
-    from ..pair import LoadedPair
-    from ..ui import say
-
-    reg, name = registry_and_pair(models, pair)
-    return LoadedPair(reg, name, engine_settings(reg, overrides), pull=not no_pull, say=say)
 
 ProfileOpt = Annotated[
     str,
@@ -171,14 +77,6 @@ RayPartitionOpt = Annotated[
     typer.Option("--ray-partition-size", help="Input lines per Ray partition (the unit of work, of part files and of --resume)."),
 ]
 
-
-def ray_options(address: str | None, actors: int | None, partition_size: int) -> Any:
-    """``RayOptions`` for ``--ray`` (None without it); the actors' resources are set from the engine settings later."""
-    if address is None:
-        return None
-    from ..distributed import RayOptions
-
-    return RayOptions(address=address or None, actors=actors, partition_size=partition_size)
 
 RuleOpt = Annotated[
     str | None,

@@ -162,7 +162,7 @@ def pairs(
 @dataclass(frozen=True)
 class PairsSpec:
     """What builds the pairs task (scorer, embedder, selection); picklable, so a
-    Ray actor builds the same task on its node (see ``annotate.ScoringSpec``)."""
+    Ray actor builds the same task on its node (see ``runs.ScoringSpec``)."""
 
     registry: Any
     pair: str | None

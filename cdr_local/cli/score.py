@@ -41,38 +41,35 @@ def score(
     n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
 ) -> None:
-    """Score one example: each response's reward, log-probs and token counts (--pair, or --strong SRC --weak SRC)."""
+    """Score one example: each response's reward, log-probs and token counts (--pair, or --strong SRC --weak SRC).
+
+    The record is the one `cdr annotate` writes for {prompt, responses}, labelled with
+    the pair's rule and calibration (as annotate does); the Python API's
+    cdr_local.score() returns the same."""
     import orjson
 
-    from ..annotate import build_output
-    from ..chat import Message
+    from ..api import Annotator
     from ..errors import CdrError
-    from ..records import Record
-    from .options import engine_overrides, load_pair
+    from .options import engine_overrides
 
     choice = PairChoice(pair, strong, weak, strong_system, weak_system)
     choice.check()
-    msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
     if not prompt.strip():
         raise CdrError("empty prompt")
     if any(not r.strip() for r in response):
         raise CdrError("empty response")
-    record = Record(
-        id="cli", line=1, messages=tuple(msgs), responses=tuple(response), fmt="responses",
-        conversational=False, prompt_raw=prompt,
-    )
-    lp = load_pair(models, choice, engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull)
-    try:
-        out, _ = build_output(record, lp.score(record.messages, record.responses))
-    finally:
-        lp.close()
+    engine = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
+    with Annotator(pair, strong=strong, weak=weak, strong_system=strong_system, weak_system=weak_system, models=models,
+                   pull=not no_pull, **engine) as a:
+        out = a.score(prompt, response, id="cli", system=system)
+        pair_name = a.pair.spec.name
     if json_out:
         typer.echo(orjson.dumps(out).decode())
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"pair {lp.spec.name}: reward = log p_strong - log p_weak")
+    t = Table(title=f"pair {pair_name}: reward = log p_strong - log p_weak")
     for col in ("#", "reward", "reward_mean", "strong logp", "tok", "weak logp", "tok", "truncated", "response"):
         t.add_column(col, justify="right" if col not in ("response",) else "left")
     for i, s in enumerate(out["scores"]):

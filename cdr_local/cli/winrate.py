@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from ..calibration import Calibration
 
 from ..atomic import write_bytes_atomic
-from .annotate import ForceOpt, PlainOpt, QuietOpt, run_scoring
+from .annotate import ForceOpt, PlainOpt, QuietOpt
 from .options import (
     CalibrationOpt,
     GpuOpt,
@@ -122,6 +122,12 @@ def _winrate(model: list[Path], baseline: Path, output: Path, pair: PairChoice, 
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise CdrError("model files must have distinct names")
+    from dataclasses import replace
+
+    from ..runs import ScoringOptions, run_scoring
+
+    opts = ScoringOptions(pair=pair, models=models, profile=profile, router=router, rule=rule, calibration=calibration,
+                          force=force, quiet=quiet, plain=plain, engine=overrides, pull=not no_pull)
     scored: dict[str, Path] = {}
     for name, _src, outs in runs:
         out = output / f"{name}.scores.jsonl"
@@ -132,16 +138,10 @@ def _winrate(model: list[Path], baseline: Path, output: Path, pair: PairChoice, 
         rec = output / f"{name}.input.jsonl"
         write_records(rec, chosen, outs)
         try:
-            summary = run_scoring(
-                "winrate", str(rec), str(out), pair, models, profile, router, out.exists(), False, force, None, None,
-                quiet, plain, overrides, no_pull, rule=rule, calibration=calibration,
-            )
+            summary = run_scoring("winrate", str(rec), str(out), replace(opts, resume=out.exists()))
         except InputChanged:  # new outputs (or another instruction subset) since they were scored
             Console(stderr=True, highlight=False).print(f"{name}: its outputs changed since they were scored: scoring them again")
-            summary = run_scoring(
-                "winrate", str(rec), str(out), pair, models, profile, router, False, True, force, None, None,
-                quiet, plain, overrides, no_pull, rule=rule, calibration=calibration,
-            )
+            summary = run_scoring("winrate", str(rec), str(out), replace(opts, overwrite=True))
         if summary.interrupted:
             raise typer.Exit(130)
         scored[name] = out
