@@ -87,6 +87,7 @@ def engine_overrides(threads: Any, n_ctx: Any, n_batch: Any, n_ubatch: Any, n_gp
 
 def engine_settings(reg: Any, overrides: dict[str, Any]) -> Any:
     """models.toml's [engine] table plus command-line overrides; bad values are a ConfigError."""
+    from .engine import EngineSettings
     from .errors import ConfigError
     from .pair import settings_from
 
@@ -95,16 +96,13 @@ def engine_settings(reg: Any, overrides: dict[str, Any]) -> Any:
     except ValueError as e:
         msg = str(e)
         name = msg.split(" ", 1)[0]
-        flag = _FLAGS.get(name)
+        flag = EngineSettings.FLAGS.get(name)
         if flag and overrides.get(name) is not None:  # the value came from the command line
             msg = f"{flag} {msg.split(' ', 1)[1]}"
         elif flag:
             msg = f"{reg.origins.get('engine.' + name, reg.path)}: engine.{msg}"
         raise ConfigError(msg) from None
 
-
-_FLAGS = {"n_ctx": "--n-ctx", "n_batch": "--n-batch", "n_ubatch": "--n-ubatch", "n_threads": "--threads",
-          "n_gpu_layers": "--n-gpu-layers"}
 
 
 def load_pair(models: Path | None, pair: str | PairChoice | None, overrides: dict[str, Any], no_pull: bool) -> Any:

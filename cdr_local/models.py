@@ -62,6 +62,7 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 from .atomic import fsync_dir
+from .engine import EngineSettings
 from .errors import ConfigError, ModelError
 from .gguf_check import NotRegularFileError, gguf_problem, open_regular
 from .paths import model_cache_dir, user_registry_path
@@ -273,19 +274,9 @@ class PairSpec:
     description: str = ""
 
 
-@dataclass(frozen=True)
-class EngineDefaults:
-    """llama.cpp settings from ``[engine]``; command-line flags override them.
-
-    ``n_threads = 0`` means "pick for me" (os.cpu_count()); ``n_gpu_layers =
-    -1`` means all layers on the GPU.
-    """
-
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_ubatch: int = 512
-    n_threads: int = 0
-    n_gpu_layers: int = 0
+#: The registry's ``[engine]`` values are engine settings (one dataclass: its field
+#: defaults, ranges and flags; see ``engine.EngineSettings``).
+EngineDefaults = EngineSettings
 
 
 @dataclass(frozen=True)
@@ -301,7 +292,7 @@ class Registry:
     models: dict[str, ModelSpec]
     pairs: dict[str, PairSpec]
     default_pair: str
-    engine: EngineDefaults = field(default_factory=EngineDefaults)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     layers: tuple[Path, ...] = ()
     origins: dict[str, Path] = field(default_factory=dict)
 
@@ -633,7 +624,7 @@ class _Parser:
             default_pair=(
                 default_pair if default_pair is not None else (below.default_pair if below else "")
             ),
-            engine=dataclasses.replace(below.engine if below else EngineDefaults(), **engine_values),
+            engine=dataclasses.replace(below.engine if below else EngineSettings(), **engine_values),
             layers=(*(below.layers if below else ()), self.path),
             origins=origins,
         )
@@ -758,13 +749,11 @@ class _Parser:
             raise self.err(mkey, f"unknown model {model!r} (known: {_names(models)})")
         return PairSide(model=model, system=system, template=template)
 
-    def engine(self, t: dict[str, Any]) -> dict[str, int]:
+    def engine(self, t: dict[str, Any]) -> dict[str, Any]:
         """The ``[engine]`` keys this file sets, checked."""
-        from .engine import EngineSettings  # the one place the ranges are written (stdlib only)
-
-        names = ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers")
+        names = tuple(EngineSettings.FLAGS)  # the one place the keys and ranges are written
         self.keys(t, names, "engine")
-        values: dict[str, int] = {}
+        values: dict[str, Any] = {}
         for k, v in t.items():
             if isinstance(v, bool) or not isinstance(v, int):
                 raise self.err(_key("engine", k), f"expected an integer, got {_toml_type(v)}")

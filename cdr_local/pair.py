@@ -27,16 +27,9 @@ NOT_NUMERICS = ("n_threads",)
 
 def settings_from(registry: Registry, **overrides: Any) -> EngineSettings:
     """Engine settings: models.toml's [engine] table, then command-line overrides (None = keep)."""
-    e = registry.engine
-    base: dict[str, Any] = {
-        "n_ctx": e.n_ctx,
-        "n_batch": e.n_batch,
-        "n_ubatch": e.n_ubatch,
-        "n_threads": e.n_threads,
-        "n_gpu_layers": e.n_gpu_layers,
-    }
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return EngineSettings(**base)
+    import dataclasses
+
+    return dataclasses.replace(registry.engine, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def file_sha256(path: Path, say: Callable[[str], None] | None = None) -> str:

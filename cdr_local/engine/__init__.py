@@ -76,6 +76,11 @@ class EngineSettings:
         "n_seq_max": (1, 256),
     }
 
+    #: the settings models.toml's ``[engine]`` table may hold, and each one's flag: the
+    #: registry's checks, the CLI's error messages and the overrides all read these
+    FLAGS = {"n_ctx": "--n-ctx", "n_batch": "--n-batch", "n_ubatch": "--n-ubatch", "n_threads": "--threads",
+             "n_gpu_layers": "--n-gpu-layers"}
+
     def __post_init__(self) -> None:
         for name, (lo, hi) in self.RANGES.items():
             v = getattr(self, name)
