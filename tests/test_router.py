@@ -331,7 +331,10 @@ def test_make_router_answer(pair: LoadedPair, paper: Profile) -> None:
     r = make_router("answer", paper, pair)
     assert isinstance(r, AnswerRouter) and r.name == "answer" and r.labels == ["SAFETY", "REASONING", "CHAT"]
     assert r.side is pair.router_side() and r.max_tokens == ANSWER_MAX_TOKENS
-    assert isinstance(make_router(None, paper, pair), ModelRouter)  # the default stays the model router
+    # the default: the answer router for a profile with its own router prompt (the authors' recipe),
+    # the model router for other profiles with several domains
+    assert isinstance(make_router(None, paper, pair), AnswerRouter)
+    assert isinstance(make_router(None, load_profile("cdr"), pair), ModelRouter)
 
 
 def test_answer_router_generates_greedily_and_parses(pair: LoadedPair, paper: Profile, tmp_path: Path) -> None:
