@@ -41,7 +41,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "synth_templates"
 DEFAULT_TEMPLATE = "rmboost"
 SHIPPED_TEMPLATES = TEMPLATES_DIR / f"{DEFAULT_TEMPLATE}.toml"  # the default's file
 OUTPUT_KEYS = {"id", "prompt", "chosen", "rejected", "margin", "label", "aspects", "response_1", "response_2",
-               "seeds", "retries", "generation", "verify"}
+               "seeds", "retries", "cut_at_max_tokens", "generation", "verify"}
 MAX_RETRIES = 10
 PLACEHOLDERS = ("prompt", "response1", "direction", "aspects", "guideline")
 
@@ -187,15 +187,19 @@ def response2_seed(record_id: str, seed: int, attempt: int) -> int:
     return gen_seed(record_id, seed, "r2" if attempt == 0 else f"r2.{attempt}")
 
 
-def extract_tagged(text: str, tag: str) -> str | None:
-    """The text between the first ``<tag>`` and the ``</tag>`` after it, stripped (None without both)."""
+def extract_tagged(text: str, tag: str, *, cut: bool = False) -> str | None:
+    """The text between the first ``<tag>`` and the ``</tag>`` after it, stripped (None without both).
+
+    ``cut``: the generation stopped at --max-tokens, not at its end, so a missing
+    ``</tag>`` is the cut, not a missing tag: the text after ``<tag>`` counts (as any
+    response cut at --max-tokens does)."""
     open_, close = f"<{tag}>", f"</{tag}>"
     i = text.find(open_)
     if i < 0:
         return None
     j = text.find(close, i + len(open_))
     if j < 0:
-        return None
+        return text[i + len(open_) :].strip() if cut else None
     return text[i + len(open_) : j].strip()
 
 
@@ -226,27 +230,30 @@ class SynthTask:
         return {"model": self.side.model.name, "temperature": self.temperature, "top_p": self.top_p,
                 "max_tokens": self.max_tokens, "seed": self.seed, "templates": self.t.path}
 
-    def _generate(self, messages: list[Message], seed: int) -> tuple[str, int]:
+    def _generate(self, messages: list[Message], seed: int) -> tuple[str, int, bool]:
+        """The text, the tokens generated, and whether --max-tokens (or n_ctx) cut it."""
         m = self.side.model
         ctx = self.side.context_tokens(messages)
         room = m.n_ctx - len(ctx) - 1
         if room < 8:
             raise RecordError("prompt too long to generate a response in n_ctx")
         toks = m.generate(tuple(ctx), max_tokens=min(self.max_tokens, room), temperature=self.temperature, top_p=self.top_p, seed=seed)
-        body = toks[:-1] if toks and m.is_eog(toks[-1]) else toks
-        return m.detokenize(body).strip(), len(toks)
+        ended = bool(toks) and m.is_eog(toks[-1])
+        body = toks[:-1] if ended else toks
+        return m.detokenize(body).strip(), len(toks), not ended
 
-    def _response2(self, record: Record, r1: str, label: str, aspects: list[str]) -> tuple[str, int, int, int]:
-        """Response 2, its seed, the tokens generated for it (all attempts) and the retries it took."""
+    def _response2(self, record: Record, r1: str, label: str, aspects: list[str]) -> tuple[str, int, int, int, bool]:
+        """Response 2, its seed, the tokens generated for it (all attempts), the retries it
+        took, and whether --max-tokens cut it."""
         cond = conditioning_messages(self.t, prompt_text(record), r1, label, aspects)
         detail = {"label": label, "aspects": aspects}
         n = 0
         for attempt in range(self.t.retries + 1):
             s2 = response2_seed(record.id, self.seed, attempt)
-            text, k = self._generate(cond, s2)
+            text, k, was_cut = self._generate(cond, s2)
             n += k
             if self.t.response_tag:
-                tagged = extract_tagged(text, self.t.response_tag)
+                tagged = extract_tagged(text, self.t.response_tag, cut=was_cut)
                 if tagged is None:
                     raise RecordError(f"skipped: no <{self.t.response_tag}> tags in the generation",
                                       detail={**detail, "attempt": attempt, "generation": text[:2000]})
@@ -254,17 +261,17 @@ class SynthTask:
             if not text:
                 raise RecordError("skipped: response 2 came out empty")
             if text != r1:
-                return text, s2, n, attempt
+                return text, s2, n, attempt, was_cut
         raise RecordError("skipped: response 2 is identical to response 1"
                           + (f" (also after {self.t.retries} retries)" if self.t.retries else ""), detail=detail)
 
     def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
         s1 = gen_seed(record.id, self.seed, "r1")
-        r1, n1 = self._generate(response1_messages(self.t, record), s1)
+        r1, n1, cut1 = self._generate(response1_messages(self.t, record), s1)
         if not r1:
             raise RecordError("skipped: response 1 came out empty")
         label, aspects = draw(record.id, self.seed, self.t)
-        r2, s2, n2, retries = self._response2(record, r1, label, aspects)
+        r2, s2, n2, retries, cut2 = self._response2(record, r1, label, aspects)
         chosen, rejected = (r2, r1) if label == "better" else (r1, r2)
         obj: dict[str, Any] = {
             "id": record.id,
@@ -278,6 +285,7 @@ class SynthTask:
             "response_2": r2,
             "seeds": {"response_1": s1, "response_2": s2, "label": self.seed},
             "retries": retries,
+            "cut_at_max_tokens": {"response_1": cut1, "response_2": cut2},
             "generation": self.generation_settings(),
         }
         stats: dict[str, float] = {"tokens": float(n1 + n2)}

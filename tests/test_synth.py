@@ -847,13 +847,16 @@ def test_rmboost_conditioning_prompt(label: str) -> None:
 
 
 def _scripted(task: SynthTask, outputs: list[str], monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Replace the generator with a script; returns the seeds it was called with."""
+    """Replace the generator with a script; returns the seeds it was called with.  An
+    output ending in "[CUT]" stands for a generation cut at --max-tokens."""
     seeds: list[int] = []
     it = iter(outputs)
 
-    def fake(messages: list[Message], seed: int) -> tuple[str, int]:
+    def fake(messages: list[Message], seed: int) -> tuple[str, int, bool]:
         seeds.append(seed)
-        return next(it).strip(), 5
+        text = next(it)
+        cut = text.endswith("[CUT]")
+        return text.removesuffix("[CUT]").strip(), 5, cut
 
     monkeypatch.setattr(task, "_generate", fake)
     return seeds
@@ -937,6 +940,9 @@ def test_extract_tagged() -> None:
     assert extract_tagged("</response> <response>x</response>", "response") == "x"
     assert extract_tagged("<response></response>", "response") == ""
     assert extract_tagged("<response>x", "response") is None
+    assert extract_tagged("<response> x y", "response", cut=True) == "x y"  # --max-tokens cut the closing tag off
+    assert extract_tagged("x y", "response", cut=True) is None  # no opening tag: no response, cut or not
+    assert extract_tagged("<response>x</response> z", "response", cut=True) == "x"
     assert extract_tagged("x</response>", "response") is None
     assert extract_tagged("<answer>x</answer>", "answer") == "x"
 
@@ -1160,3 +1166,16 @@ def test_reverify_with_cdr_eval_matches_synth_verify(cli_runs: dict[str, Any], t
     rows = jsonl(out)
     second = sum(r["verify"]["reward_2"] > r["verify"]["reward_1"] for r in rows)
     assert got["prefers response 2"] == (second, len(rows))
+
+
+def test_rmboost_takes_an_edit_cut_at_max_tokens(rm_task: SynthTask, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation stopped by --max-tokens after <response> has lost only its closing
+    tag to the cut: the edit counts, and the output says it was cut; an uncut
+    generation without the closing tag is still refused."""
+    _scripted(rm_task, ["Paris.", "Sure: <response>It is Paris, on the Seine, in[CUT]"], monkeypatch)
+    obj, _ = rm_task.process(_task_record(REC))
+    assert obj["response_2"] == "It is Paris, on the Seine, in"
+    assert obj["cut_at_max_tokens"] == {"response_1": False, "response_2": True}
+    _scripted(rm_task, ["Paris.", "Sure: <response>It is Paris."], monkeypatch)
+    with pytest.raises(RecordError, match="no <response> tags"):
+        rm_task.process(_task_record(REC))
