@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .assembly import PairChoice
 
 if TYPE_CHECKING:
+    from .annotate import AnnotateTask
     from .pipeline import RunSummary
 
 #: Engine settings accepted as keyword arguments (models.toml's [engine] keys).
@@ -59,27 +60,24 @@ class Annotator:
                  profile: str = "none", router: str | None = None, rule: str | None = None,
                  calibration: str | Path | None = None, token_logprobs: bool = False, pull: bool = True,
                  **engine: Any) -> None:
-        from .annotate import AnnotateTask, make_router
         from .assembly import engine_settings, registry_and_pair
         from .calibration import resolve
-        from .pair import LoadedPair
         from .profiles import load_profile
+        from .runs import ScoringSpec
 
         reg, name = registry_and_pair(Path(models) if models is not None else None,
                                       _choice(pair, strong, weak, strong_system, weak_system))
         prof = load_profile(profile)
         cal = resolve(reg, name, Path(calibration) if calibration is not None else None)
-        self.pair = LoadedPair(reg, name, engine_settings(reg, _engine(engine)), pull=pull)
-        try:
-            self.task = AnnotateTask(self.pair, prof, make_router(router, prof, self.pair), token_logprobs=token_logprobs,
-                                     rule=rule, calibration=cal)
-        except BaseException:
-            self.pair.close()
-            raise
+        # the very task (and metadata) an annotate run builds
+        self._built = ScoringSpec(reg, name, engine_settings(reg, _engine(engine)), prof, router, pull, token_logprobs,
+                                  rule, cal)()
+        self.task = cast("AnnotateTask", self._built.task)
+        self.pair = self.task.pair
 
     def metadata(self) -> dict[str, Any]:
         """What an output's sidecar records: the models, their sha256, the settings, the rule."""
-        return {**self.pair.metadata(), **self.task.metadata()}
+        return dict(self._built.meta)
 
     def score_record(self, record: dict[str, Any], line: int = 1) -> dict[str, Any]:
         """One input record (any format ``cdr annotate`` reads) -> its output record.
@@ -114,7 +112,7 @@ class Annotator:
             yield self.score_record(r, i)
 
     def close(self) -> None:
-        self.pair.close()
+        self._built.close()
 
     def __enter__(self) -> Annotator:
         return self
@@ -163,11 +161,10 @@ def evaluate_file(input: str | Path, output: str | Path, *, per_section: int | N
     """``cdr eval INPUT -o OUTPUT``: score labelled pairs, then return the report
     (also written to OUT.report.json, OUT.rewardbench.json, and with ``calibrate``
     OUT.calibration.json)."""
-    from .evaluate import sample_lines
-    from .runs import eval_paths, eval_report, run_scoring
+    from .runs import eval_paths, eval_report, eval_sample, run_scoring
 
     _, reports = eval_paths(str(output), None, calibrate)
-    select = sample_lines(str(input), per_section, seed) if per_section is not None else None
+    select = eval_sample(str(input), per_section, seed)
     opts = _scoring_options(pair, strong, weak, strong_system, weak_system, engine, models=models, profile=profile,
                             router=router, rule=rule, calibration=calibration, resume=resume, overwrite=overwrite,
                             force=force, limit=limit, pull=pull, select=select, token_logprobs=token_logprobs,

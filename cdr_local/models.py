@@ -862,6 +862,15 @@ class CheckResult:
     message: str
 
 
+def _usable_file(path: Path, what: str) -> Path:
+    """``path`` made absolute, or a ModelError naming ``what`` if it is no usable GGUF."""
+    path = path.absolute()
+    problem = _file_problem(path)
+    if problem is not None:
+        raise ModelError(f"{what}: {problem[1]}")
+    return path
+
+
 def _file_problem(path: Path) -> tuple[bool, str] | None:
     """None if ``path`` is a regular file that starts with the GGUF magic, else
     (whether something is there, one line saying what is wrong).
@@ -1184,10 +1193,7 @@ def model_from_source(
         )
     if kind == "path":
         assert path is not None
-        path = path.absolute()
-        problem = _file_problem(path)
-        if problem is not None:
-            raise ModelError(f"{flag} {src}: {problem[1]}")
+        path = _usable_file(path, f"{flag} {src}")
         for spec in reg.models.values():
             if (
                 isinstance(spec.source, PathSource)
@@ -1366,11 +1372,7 @@ def add_model(
     table: dict[str, Any]
     if kind == "path":
         assert path is not None
-        path = path.absolute()
-        problem = _file_problem(path)
-        if problem is not None:
-            raise ModelError(f"{src}: {problem[1]}")
-        table = {"path": str(path)}
+        table = {"path": str(_usable_file(path, src))}
     elif kind == "hub":
         ref = parse_hub_ref(src)
         file = ref.file

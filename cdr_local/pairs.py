@@ -73,11 +73,6 @@ def unit_rows(emb: np.ndarray) -> np.ndarray:
     return e / norms
 
 
-def cosine_matrix(emb: np.ndarray) -> np.ndarray:
-    u = unit_rows(emb)
-    return u @ u.T
-
-
 def selection_key(kind: str, record_id: str, similarity: float, seed: int = 0) -> float:
     """The key a selection keeps the smallest of: similarity (``dissimilar``), minus
     similarity (``similar``), or a uniform draw seeded by the record id (``random``)."""
@@ -137,7 +132,8 @@ def choose(
         raise SkipRecord("fewer than two responses")
     if max(rewards) == min(rewards):
         raise SkipRecord("all rewards tie")
-    sims = cosine_matrix(embeddings) if embeddings is not None else None
+    units = unit_rows(embeddings) if embeddings is not None else None  # cosine everywhere, k-means on these too
+    sims = units @ units.T if units is not None else None
 
     def sim(i: int, j: int) -> float | None:
         return None if sims is None else float(sims[i, j])
@@ -161,13 +157,13 @@ def choose(
     if strategy == "random":
         i, j = record_rng(record_id, seed).choice(pairs)
         return _order(i, j, rewards, sim(i, j))
-    if embeddings is None or sims is None:
+    if units is None or sims is None:
         raise ValueError(f"strategy {strategy} needs embeddings")
     if strategy == "real-centroid":
         if n == 2:
             i, j = pairs[0]
             return _order(i, j, rewards, sim(i, j))
-        x = unit_rows(embeddings)
+        x = units
         labels, centres = kmeans2(x)
         if len(set(labels.tolist())) < 2:
             raise SkipRecord("k-means found a single cluster")

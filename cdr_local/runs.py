@@ -126,6 +126,22 @@ def run_scoring(command: str, input: str, output: str, opts: ScoringOptions) -> 
         built.close()
 
 
+def eval_sample(input: str, per_section: int | None, seed: int) -> list[int] | None:
+    """The input lines ``--per-section N --seed S`` scores (None: all of them).  The
+    sample needs a first pass, so the input must be a regular file."""
+    if per_section is None:
+        return None
+    from .errors import CdrError
+    from .evaluate import sample_lines
+    from .files import is_regular
+
+    if per_section < 1:
+        raise CdrError("--per-section must be at least 1")
+    if input == "-" or not is_regular(input):
+        raise CdrError("--per-section needs the input as a regular file (it is read twice)")
+    return sample_lines(input, per_section, seed)
+
+
 def eval_paths(output: str, first: int | None, calibrate: bool) -> tuple[str, list[tuple[str, str]]]:
     """The report files of an eval output: its stem, and (what, path) of each."""
     stem = Path(output).with_suffix("").as_posix() + (f".first{first}" if first is not None else "")

@@ -97,9 +97,9 @@ def eval_(
     from rich.console import Console
 
     from ..errors import CdrError
-    from ..evaluate import plot, report_table, sample_lines, section_table, subset_table
+    from ..evaluate import plot, report_table, section_table, subset_table
     from ..rules import parse_rule
-    from ..runs import ScoringOptions, eval_paths, eval_report, run_scoring
+    from ..runs import ScoringOptions, eval_paths, eval_report, eval_sample, run_scoring
     from .options import engine_overrides, ray_options
 
     choice = PairChoice(pair, strong, weak, strong_system, weak_system)
@@ -117,13 +117,7 @@ def eval_(
     stem, reports = eval_paths(output, first, calibrate)
     rep_path = stem + ".report.json"
     if not report_only:
-        select = None
-        if per_section is not None:
-            from ..files import is_regular
-
-            if input == "-" or not is_regular(input):
-                raise CdrError("--per-section needs the input as a regular file (it is read twice)")
-            select = sample_lines(input, per_section, seed)
+        select = eval_sample(input, per_section, seed)
         summary = run_scoring("eval", input, output, ScoringOptions(
             pair=choice, models=models, profile=profile, router=router, rule=rule, calibration=calibration,
             resume=resume, overwrite=overwrite, force=force, rejects=rejects, limit=limit, quiet=quiet, plain=plain,
