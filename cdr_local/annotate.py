@@ -8,18 +8,20 @@ from .chat import TemplateError
 from .pipeline import RecordError
 from .profiles import Profile, load_profile, profile_messages
 from .records import Record
-from .reward import ResponseScore, judge
+from .reward import pick
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .calibration import Calibration, Confidence
+    from .methods import Method, Scored
     from .pair import LoadedPair
     from .router import Router
-    from .rules import RuleSpec
 
 # keys the output owns; input fields with these names are kept as input_<key>
 OUTPUT_KEYS = {
     "id", "prompt", "chosen", "rejected", "margin", "margin_value", "margin_z", "confidence", "margin_mean", "label", "tie", "agree",
-    "scores", "truncated", "input_format", "line", "domain", "domain_source", "responses",
+    "scores", "truncated", "input_format", "line", "domain", "domain_source", "responses", "judge",
 }
 
 
@@ -39,68 +41,63 @@ def trl_margin(confidence: float) -> float:
     return 0.0 if c <= 0.5 else math.log(c / (1 - c))
 
 
-def build_output(record: Record, scores: list[ResponseScore], *, token_logprobs: bool = False,
-                 rule: RuleSpec | None = None, confidence: Confidence | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+def build_output(record: Record, results: Sequence[Scored], *, confidence: Confidence | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """The output line for one record, and the stats the progress display shows.
 
-    ``rule`` decides the label (default: cdr-sum, CDR as published); ``margin``
-    is the rule's value(chosen) - value(rejected), ``margin_z`` that margin
-    over how its noise grows with length, ``confidence`` P(label right) from
-    ``confidence`` (a calibration, or the uncalibrated default)."""
+    ``results``: what each method measured (:mod:`methods`), the labelling one
+    first.  ``margin_value`` is its value(chosen) - value(rejected),
+    ``margin_z`` that margin over how its noise grows with length, ``confidence``
+    P(label right) from ``confidence`` (a calibration, or the uncalibrated
+    default), ``margin`` TRL's column (:func:`trl_margin`)."""
     from .calibration import Confidence as _Confidence
-    from .rules import DEFAULT_RULE, parse_rule
 
-    rule = rule or parse_rule(DEFAULT_RULE)
     confidence = confidence or _Confidence()
-    resp = [s.response(len(record.responses[i])) for i, s in enumerate(scores)]
-    values = rule.values(resp)
-    j = judge(scores, values)
+    lab = results[0]
+    values = lab.values
+    best, worst, tie = pick(values)
     obj: dict[str, Any] = {"id": record.id, "prompt": record.prompt_raw}
     if record.fmt == "responses":  # keep every text: `cdr pairs` reads them back
         obj["responses"] = [record.as_response(r) for r in record.responses]
-    n = len(scores)
+    n = len(values)
+    margin = values[best] - values[worst]
     if n >= 2:
-        obj["chosen"] = record.as_response(record.responses[j.best])
-        obj["rejected"] = record.as_response(record.responses[j.worst])
-        obj["margin_z"] = rule.rule.z(j.margin, resp[j.best], resp[j.worst])
-        obj["confidence"] = 0.5 if j.tie else confidence(obj["margin_z"])
+        obj["chosen"] = record.as_response(record.responses[best])
+        obj["rejected"] = record.as_response(record.responses[worst])
+        obj["margin_z"] = lab.z(margin, best, worst)
+        obj["confidence"] = 0.5 if tie else confidence(obj["margin_z"])
         obj["margin"] = trl_margin(obj["confidence"])
-        obj["margin_value"] = j.margin
-        obj["margin_mean"] = j.margin_mean
-        obj["label"] = "tie" if j.tie else record.response_name(j.best)
-        obj["tie"] = j.tie
+        obj["margin_value"] = margin
+        for r in results:
+            obj.update(r.pair_fields(best, worst))
+        obj["label"] = "tie" if tie else record.response_name(best)
+        obj["tie"] = tie
         if record.fmt == "chosen_rejected":
-            obj["agree"] = (not j.tie) and j.best == 0
+            obj["agree"] = (not tie) and best == 0
+    for r in results:
+        obj.update(r.record)
+    truncated = [any(r.truncated[i] for r in results) for i in range(n)]
     obj["scores"] = [
         {
             "response": record.response_name(i),
             "value": values[i],
-            "reward": s.reward,
-            "reward_mean": s.reward_mean,
-            "strong_logprob": s.strong.logprob,
-            "strong_tokens": s.strong.n_tokens,
-            "weak_logprob": s.weak.logprob,
-            "weak_tokens": s.weak.n_tokens,
-            "truncated": s.truncated,
+            **{k: v for r in results for k, v in r.fields[i].items()},
+            "truncated": truncated[i],
             "chars": len(record.responses[i]),
-            **({"strong_token_logprobs": list(s.strong.token_logprobs), "weak_token_logprobs": list(s.weak.token_logprobs)} if token_logprobs else {}),
+            **{k: v for r in results if r.bulk for k, v in r.bulk[i].items()},
         }
-        for i, s in enumerate(scores)
+        for i in range(n)
     ]
-    obj["truncated"] = any(s.truncated for s in scores)
+    obj["truncated"] = any(truncated)
     obj["input_format"] = record.fmt
     for k, v in record.extra.items():
         obj[f"input_{k}" if k in OUTPUT_KEYS else k] = v
-    stats: dict[str, float] = {
-        "tokens": float(sum(s.strong.n_tokens + s.weak.n_tokens for s in scores)),
-        "truncated": float(obj["truncated"]),
-    }
+    stats: dict[str, float] = {"tokens": float(sum(r.tokens for r in results)), "truncated": float(obj["truncated"])}
     if n >= 2:
-        stats["margin"] = j.margin
+        stats["margin"] = margin
         stats["confidence"] = obj["confidence"]
-        stats["tie"] = float(j.tie)
-        if not j.tie:
-            stats["first_wins"] = float(j.best == 0)
+        stats["tie"] = float(tie)
+        if not tie:
+            stats["first_wins"] = float(best == 0)
     return obj, stats
 
 
@@ -128,38 +125,62 @@ class AnnotateTask:
     """Pipeline task: one record in, one scored output line out.
 
     The profile's domain (from the record's ``domain`` field, else the router)
-    decides the criteria and exemplars that both models read.
+    decides the criteria and exemplars that both models read.  ``method``:
+    the scoring methods (:mod:`methods`, ``cdr`` or ``judge,cdr``), the first
+    labels; ``rule`` is the density methods' rule.
     """
 
     def __init__(self, pair: LoadedPair, profile: Profile | None = None, router: Router | None = None,
-                 *, token_logprobs: bool = False, rule: str | None = None, calibration: Calibration | None = None) -> None:
+                 *, token_logprobs: bool = False, rule: str | None = None, calibration: Calibration | None = None,
+                 method: str | None = None) -> None:
         from .calibration import Confidence
+        from .methods import DEFAULT_METHOD, build_methods, parse_methods
+        from .methods.density import rule_for
         from .router import NoneRouter
-        from .rules import DEFAULT_RULE, parse_rule
 
         self.token_logprobs = token_logprobs
         self.calibration = calibration
-        self.rule = parse_rule(rule or (calibration.rule if calibration else DEFAULT_RULE), calibration.params if calibration else None)
-        self.confidence = calibration.confidence_for(self.rule.label()) if calibration else Confidence()
-        self.pair = pair
+        self.method_names = parse_methods(method)
         self.profile = profile or load_profile("none")
+        density = next((m for m in self.method_names if m in ("cdr", "strong")), DEFAULT_METHOD)
+        self.rule = rule_for(density, rule, calibration)
+        self.methods: list[Method] = build_methods(self.method_names, pair, rule=rule, calibration=calibration,
+                                                   profile=self.profile, token_logprobs=token_logprobs)
+        self.label = self.methods[0].label
+        self.confidence = calibration.confidence_for(self.label) if calibration else Confidence()
+        self.pair = pair
         self.router = router or NoneRouter(self.profile)
+
+    @property
+    def labeller(self) -> Method:
+        return self.methods[0]
 
     def metadata(self) -> dict[str, Any]:
         cal = self.calibration
-        return {"profile": {"name": self.profile.name, "path": self.profile.path, "sha256": self.profile.sha256,
+        meta = {"profile": {"name": self.profile.name, "path": self.profile.path, "sha256": self.profile.sha256,
                             "domains": list(self.profile.domains)}, "router": self.router.name,
                 "rule": {"label": self.rule.label(), **self.rule.to_json(), "summary": self.rule.rule.summary},
                 "confidence": {"calibrated": self.confidence.calibrated, "a": self.confidence.a, "b": self.confidence.b,
                                "calibration": cal.path if cal else None,
                                "model": "P(label right) = sigmoid(a + b * |margin_z|)"
                                + ("" if self.confidence.calibrated else " (uncalibrated default: no calibration for this pair and rule)")}}
+        if self.method_names != ["cdr"]:
+            meta["method"] = {"names": self.method_names, "labels": self.label}
+            for m in self.methods:
+                meta.update({k: v for k, v in m.metadata().items() if k != "rule"})
+        return meta
 
     def numerics(self) -> dict[str, Any]:
-        return {"profile.sha256": self.profile.sha256, "router": self.router.name, "rule": self.rule.label(),
-                "rule.params": self.rule.to_json()["params"], "confidence": [self.confidence.a, self.confidence.b]}
+        out = {"profile.sha256": self.profile.sha256, "router": self.router.name, "rule": self.rule.label(),
+               "rule.params": self.rule.to_json()["params"], "confidence": [self.confidence.a, self.confidence.b]}
+        if self.method_names != ["cdr"]:
+            out["method"] = self.method_names
+            for m in self.methods:
+                out.update({k: v for k, v in m.numerics().items() if not k.startswith("rule")})
+        return out
 
-    def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
+    def measure(self, record: Record) -> tuple[str, str, list[Scored]]:
+        """The record's domain, where it came from, and what each method measured."""
         given = record.extra.get("domain")
         if given is not None:
             if not isinstance(given, str) or given not in self.profile.domains:
@@ -171,10 +192,14 @@ class AnnotateTask:
             except TemplateError as e:
                 raise RecordError(str(e)) from None
         try:
-            scores = self.pair.score(profile_messages(self.profile, domain, record.messages, record.id), record.responses)
+            messages = profile_messages(self.profile, domain, record.messages, record.id)
+            return domain, source, [m.score(record, messages, domain) for m in self.methods]
         except TemplateError as e:
             raise RecordError(str(e)) from None
-        obj, stats = build_output(record, scores, token_logprobs=self.token_logprobs, rule=self.rule, confidence=self.confidence)
+
+    def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
+        domain, source, results = self.measure(record)
+        obj, stats = build_output(record, results, confidence=self.confidence)
         obj["domain"] = domain
         obj["domain_source"] = source
         obj.pop("input_domain", None)

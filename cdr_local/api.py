@@ -15,7 +15,7 @@ the package's task modules.)
 
 Every function takes the CLI's options as keyword arguments with the CLI's
 defaults (``pair``, ``strong``/``weak``, ``models``, ``profile``, ``router``,
-``rule``, ``calibration``, engine settings such as ``n_threads`` and ``n_ctx``,
+``rule``, ``method``, ``calibration``, engine settings such as ``n_threads`` and ``n_ctx``,
 ...), and fails with the CLI's one-line errors (``cdr_local.errors.CdrError``).
 The CLI commands ``annotate``, ``eval`` and ``score`` run through the same code
 (``runs.run_scoring``, ``runs.eval_report``, :class:`Annotator`).
@@ -59,7 +59,7 @@ class Annotator:
                  strong_system: str | None = None, weak_system: str | None = None, models: str | Path | None = None,
                  profile: str = "none", router: str | None = None, rule: str | None = None,
                  calibration: str | Path | None = None, token_logprobs: bool = False, pull: bool = True,
-                 **engine: Any) -> None:
+                 method: str | None = None, **engine: Any) -> None:
         from .assembly import engine_settings, registry_and_pair
         from .calibration import resolve
         from .profiles import load_profile
@@ -69,9 +69,12 @@ class Annotator:
                                       _choice(pair, strong, weak, strong_system, weak_system))
         prof = load_profile(profile)
         cal = resolve(reg, name, Path(calibration) if calibration is not None else None)
+        from .methods import parse_methods
+
+        parse_methods(method)
         # the very task (and metadata) an annotate run builds
         self._built = ScoringSpec(reg, name, engine_settings(reg, _engine(engine)), prof, router, pull, token_logprobs,
-                                  rule, cal)()
+                                  rule, cal, method)()
         self.task = cast("AnnotateTask", self._built.task)
         self.pair = self.task.pair
 
@@ -140,14 +143,14 @@ def annotate_file(input: str | Path, output: str | Path, *, pair: str | None = N
              models: str | Path | None = None, profile: str = "none", router: str | None = None, rule: str | None = None,
              calibration: str | Path | None = None, min_confidence: float | None = None, keep_top: float | None = None,
              resume: bool = False, overwrite: bool = False, force: bool = False, rejects: str | None = None,
-             limit: int | None = None, pull: bool = True, **engine: Any) -> RunSummary:
+             limit: int | None = None, pull: bool = True, method: str | None = None, **engine: Any) -> RunSummary:
     """``cdr annotate INPUT -o OUTPUT``: stream, write, resume; returns the run's counts."""
     from .runs import run_scoring
 
     opts = _scoring_options(pair, strong, weak, strong_system, weak_system, engine, models=models, profile=profile,
                             router=router, rule=rule, calibration=calibration, min_confidence=min_confidence,
                             keep_top=keep_top, resume=resume, overwrite=overwrite, force=force, rejects=rejects,
-                            limit=limit, pull=pull)
+                            limit=limit, pull=pull, method=method)
     return run_scoring("annotate", str(input), str(output), opts)
 
 
@@ -157,7 +160,7 @@ def evaluate_file(input: str | Path, output: str | Path, *, per_section: int | N
              weak_system: str | None = None, models: str | Path | None = None, profile: str = "none",
              router: str | None = None, rule: str | None = None, calibration: str | Path | None = None,
              resume: bool = False, overwrite: bool = False, force: bool = False, limit: int | None = None,
-             token_logprobs: bool = False, pull: bool = True, **engine: Any) -> dict[str, Any]:
+             token_logprobs: bool = False, pull: bool = True, method: str | None = None, **engine: Any) -> dict[str, Any]:
     """``cdr eval INPUT -o OUTPUT``: score labelled pairs, then return the report
     (also written to OUT.report.json, OUT.rewardbench.json, and with ``calibrate``
     OUT.calibration.json)."""
@@ -168,9 +171,9 @@ def evaluate_file(input: str | Path, output: str | Path, *, per_section: int | N
     opts = _scoring_options(pair, strong, weak, strong_system, weak_system, engine, models=models, profile=profile,
                             router=router, rule=rule, calibration=calibration, resume=resume, overwrite=overwrite,
                             force=force, limit=limit, pull=pull, select=select, token_logprobs=token_logprobs,
-                            also_writes=tuple(reports))
+                            also_writes=tuple(reports), method=method)
     run_scoring("eval", str(input), str(output), opts)
-    rep, _, _ = eval_report(str(output), rule=rule, rules=list(rules), bootstrap=bootstrap, calibrate=calibrate,
+    rep, _, _ = eval_report(str(output), rule=rule, method=method, rules=list(rules), bootstrap=bootstrap, calibrate=calibrate,
                             models=models, per_section=per_section, seed=seed)
     import orjson
 

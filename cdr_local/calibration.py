@@ -289,16 +289,23 @@ def fit(pairs: list[Any], params: dict[str, float], *, pair: str, models: dict[s
 
 
 def labelling(registry: Any, pair: str | None, rule: str | None, path: str | Path | None, min_confidence: float | None,
-              keep_top: float | None, cfg: Any) -> Calibration | None:
+              keep_top: float | None, cfg: Any, *, method: str | None = None) -> Calibration | None:
     """Everything about how a run labels, settled before any model loads: the
     calibration (``path`` or the pair's shipped one), the rule it implies, and the
     abstain thresholds, which go into the run's config (hook, metadata, and the
     settings a resume must match).  Returns the calibration for the task."""
-    from .rules import DEFAULT_RULE, parse_rule
+    from .methods import parse_methods
+    from .methods.density import rule_for
 
     cal = resolve(registry, pair, path)
-    spec = parse_rule(rule or (cal.rule if cal else DEFAULT_RULE), cal.params if cal else None)
-    cut = abstain_rule(cal, spec.label(), min_confidence, keep_top)
+    names = parse_methods(method)
+    first = names[0]
+    density = first in ("cdr", "strong")
+    spec = rule_for(first if density else "cdr", rule, cal)  # a bad --rule fails here, before any load
+    for n in names[1:]:
+        if n in ("cdr", "strong"):
+            rule_for(n, rule, cal)
+    cut = abstain_rule(cal, spec.label() if density else first, min_confidence, keep_top)
     cfg.abstain = abstainer(cut)
     if cut:
         cfg.meta["abstain"] = cut

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from .methods import MEASURED
 from .rules import RULES, Response, RuleSpec, estimate, parse_rule
 
 #: the rule a report highlights when none is named (its margins are plotted)
@@ -96,9 +97,19 @@ def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> list[int]
     return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
 
 
-def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str, str | None, Response, Response]]:
-    """(id, subset, section, domain, chosen, rejected) of each labelled pair in an
-    annotate/eval output (records given as chosen/rejected)."""
+def _response(d: dict[str, Any]) -> Response:
+    """A response's density-pass numbers; NaN sums (and the judge's token count) when the
+    output was scored without that pass (``--method judge``): rules are then not reported."""
+    if "strong_logprob" in d:
+        return Response.from_score(d)
+    nan = float("nan")
+    return Response(nan, int(d.get("judge_tokens", 0)), nan, 0, int(d["chars"]))
+
+
+def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str, str | None, Response, Response, dict[str, tuple[float, float]]]]:
+    """(id, subset, section, domain, chosen, rejected, measured) of each labelled pair in
+    an annotate/eval output (records given as chosen/rejected); ``measured``: the
+    (chosen, rejected) values of the :data:`MEASURED` methods the output holds."""
     with open(path, "rb") as f:
         for line in f:
             if not line.strip():
@@ -109,8 +120,9 @@ def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str, str | None, Re
             by_name = {s["response"]: s for s in obj["scores"]}
             subset = str(obj.get("subset") or obj.get("section") or "all")
             section = str(obj.get("section") or subset)
-            yield (str(obj["id"]), subset, section, obj.get("domain"),
-                   Response.from_score(by_name["chosen"]), Response.from_score(by_name["rejected"]))
+            c, r = by_name["chosen"], by_name["rejected"]
+            measured = {m: (float(c[m]), float(r[m])) for m in MEASURED if m in c and m in r}
+            yield (str(obj["id"]), subset, section, obj.get("domain"), _response(c), _response(r), measured)
 
 
 def rule_specs(params: dict[str, float], names: Iterable[str] | None = None) -> list[RuleSpec]:
@@ -132,12 +144,20 @@ def pairs_from_output(
         rows = rows[:limit]
     if not rows:
         return []
-    p = dict(params) if params is not None else estimate((c, r) for *_, c, r in rows)
-    specs = rule_specs(p) + [parse_rule(x, p) for x in extra]
+    density = all(_has_density(c) and _has_density(r) for *_, c, r, _m in rows)
+    measured = [m for m in MEASURED if all(m in ms for *_, ms in rows)]
+    if density:
+        p = dict(params) if params is not None else estimate((c, r) for *_, c, r, _m in rows)
+        specs = rule_specs(p) + [parse_rule(x, p) for x in extra]
+    else:  # scored without the density pass: its rules are not measured, the length baselines are
+        specs = rule_specs({}, ("longer", "shorter"))
     out = []
-    for rid, subset, section, domain, c, r in rows:
+    for rid, subset, section, domain, c, r, ms in rows:
         values: dict[str, tuple[float, float]] = {}
         conf: dict[str, float] = {}
+        for m in measured:
+            values[m] = ms[m]
+            conf[m] = abs(MEASURED[m](ms[m][0] - ms[m][1]))
         for spec in specs:
             vc, vr = spec.values([c, r])
             values[spec.label()] = (vc, vr)
@@ -146,8 +166,16 @@ def pairs_from_output(
     return out
 
 
+def _has_density(r: Response) -> bool:
+    return not (np.isnan(r.strong_logprob) or np.isnan(r.weak_logprob))
+
+
 def estimated_params(pairs: list[EvalPair]) -> dict[str, float]:
-    return estimate((p.chosen, p.rejected) for p in pairs if p.chosen is not None and p.rejected is not None)
+    """The label-free rule parameters of these pairs (none without the density pass)."""
+    both = [(p.chosen, p.rejected) for p in pairs if p.chosen is not None and p.rejected is not None]
+    if not both or not all(_has_density(c) and _has_density(r) for c, r in both):
+        return {}
+    return estimate(both)
 
 
 @dataclass
@@ -352,6 +380,8 @@ def _length_summary(pairs: list[EvalPair], strata: dict[str, np.ndarray]) -> dic
         "weak_tokens": np.array([a.weak_tokens - b.weak_tokens for a, b in zip(c, r, strict=True)], dtype=float),
         "chars": np.array([a.chars - b.chars for a, b in zip(c, r, strict=True)], dtype=float),
     }
+    if not all(_has_density(a) for a in c + r):  # no weak-model pass (--method judge): no weak tokens
+        del d["weak_tokens"]
     return {
         "strata_by": LENGTH_MEASURE,
         "pairs": {k: int(v.sum()) for k, v in strata.items()},

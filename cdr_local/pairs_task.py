@@ -27,15 +27,25 @@ def _scored(record: Record) -> list[Response] | None:
         return None
 
 
-def rewards_from_input(record: Record, rule: RuleSpec | None = None) -> list[float] | None:
-    """The rule's values (default cdr-sum) of the scores already in the record, in response order."""
+def rewards_from_input(record: Record, rule: RuleSpec | None = None, measured: str | None = None) -> list[float] | None:
+    """The values of the scores already in the record, in response order: those of the
+    ``measured`` method (:data:`methods.MEASURED`, e.g. ``judge``), else the rule's
+    (default cdr-sum)."""
     from .rules import DEFAULT_RULE, parse_rule
 
     sc = record.extra.get("scores")
-    resp = _scored(record)
-    if resp is None or not isinstance(sc, list):
+    if not isinstance(sc, list) or len(sc) != len(record.responses):
         return None
-    rewards = (rule or parse_rule(DEFAULT_RULE)).values(resp)
+    if measured is not None:
+        try:
+            rewards = [float(s[measured]) for s in sc]
+        except (KeyError, TypeError, ValueError):
+            return None
+    else:
+        resp = _scored(record)
+        if resp is None:
+            return None
+        rewards = (rule or parse_rule(DEFAULT_RULE)).values(resp)
     if record.fmt != "responses":
         # annotate writes the winner of a chosen/rejected (or response_a/response_b)
         # input as "chosen" but keeps "scores" in the input's order, named; "label"
@@ -58,13 +68,18 @@ class PairsTask:
         seed: int = 0,
         rule: RuleSpec | None = None,
         confidence: Confidence | None = None,
+        method: str | None = None,
     ) -> None:
         from .calibration import Confidence as _Confidence
         from .rules import DEFAULT_RULE, parse_rule
 
         if strategy in NEEDS_EMBEDDINGS and embedder is None:
             raise ValueError(f"strategy {strategy} needs an embedding model")
+        from .methods import MEASURED, parse_methods
+
         self.rule = scorer.rule if scorer is not None else (rule or parse_rule(DEFAULT_RULE))
+        first = scorer.method_names[0] if scorer is not None else parse_methods(method)[0]
+        self.measured = first if first in MEASURED else None  # its values are in the scores as they are
         self.confidence = scorer.confidence if scorer is not None else (confidence or _Confidence())
         self.strategy = strategy
         self.scorer = scorer
@@ -73,16 +88,17 @@ class PairsTask:
         self.seed = seed
 
     def process(self, record: Record) -> tuple[dict[str, Any], dict[str, float]]:
-        rewards = rewards_from_input(record, self.rule)
+        rewards = rewards_from_input(record, self.rule, self.measured)
         resp = _scored(record)
         tokens = 0.0
+        z_of: Any = None
         if rewards is None:
             if self.scorer is None:
                 raise RecordError("record has no rewards (scores) and no pair was given to score it")
-            scored, st = self.scorer.process(record)
-            rewards = [float(s["value"]) for s in scored["scores"]]
-            resp = [Response.from_score(s) for s in scored["scores"]]
-            tokens = st.get("tokens", 0.0)
+            _domain, _source, results = self.scorer.measure(record)
+            rewards = list(results[0].values)
+            z_of = results[0].z
+            tokens = float(sum(r.tokens for r in results))
         emb = self.embedder.embed(record.responses) if (self.embedder is not None and self.strategy in NEEDS_EMBEDDINGS) else None
         try:
             c = choose(self.strategy, record.id, record.responses, rewards, emb, seed=self.seed)
@@ -100,7 +116,7 @@ class PairsTask:
             "prompt": record.prompt_raw,
             "chosen": record.as_response(record.responses[c.chosen]),
             "rejected": record.as_response(record.responses[c.rejected]),
-            **self._confidence(c, resp, record, rewards),
+            **self._confidence(c, resp, record, rewards, z_of),
             "strategy": self.strategy,
             "chosen_index": c.chosen,
             "rejected_index": c.rejected,
@@ -112,12 +128,21 @@ class PairsTask:
             stats["similarity"] = sim
         return obj, stats
 
-    def _confidence(self, c: Any, resp: list[Response] | None, record: Record, rewards: list[float]) -> dict[str, Any]:
-        """margin_z and confidence of the chosen pair (see annotate.build_output), and the rule."""
+    def _confidence(self, c: Any, resp: list[Response] | None, record: Record, rewards: list[float], z_of: Any = None) -> dict[str, Any]:
+        """margin_z and confidence of the chosen pair (see annotate.build_output), and the
+        labelling rule or method.  ``z_of``: the scoring method's (margin, best, worst) -> z,
+        when the record was scored here."""
+        from .methods import MEASURED
+
         z = 0.0
-        if resp is not None and len(resp) == len(rewards):
+        label = self.measured or self.rule.label()
+        if z_of is not None:
+            z = z_of(c.margin, c.chosen, c.rejected)
+        elif self.measured is not None:
+            z = MEASURED[self.measured](c.margin)
+        elif resp is not None and len(resp) == len(rewards):
             order = list(range(len(rewards)))
-            if record.fmt != "responses" and rewards_from_input(record, self.rule) is not None:
+            if record.fmt != "responses" and rewards_from_input(record, self.rule) is not None:  # (density rules only)
                 # annotate's output keeps scores in the input's order; texts may be swapped (see rewards_from_input)
                 vals = self.rule.values(resp)
                 if vals != rewards:
@@ -126,4 +151,4 @@ class PairsTask:
         from .annotate import trl_margin
 
         conf = 0.5 if c.margin == 0 else self.confidence(z)
-        return {"margin": trl_margin(conf), "margin_value": c.margin, "margin_z": z, "confidence": conf, "rule": self.rule.label()}
+        return {"margin": trl_margin(conf), "margin_value": c.margin, "margin_z": z, "confidence": conf, "rule": label}

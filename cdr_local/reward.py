@@ -49,17 +49,26 @@ class Judgement:
     margin_mean: float  # reward_mean[best] - reward_mean[worst] (same two responses)
 
 
+def pick(values: Sequence[float]) -> tuple[int, int, bool]:
+    """(best, worst, tie) by ``values``; ties keep input order (a tie of two or more
+    responses is best 0, worst 1)."""
+    if not values:
+        raise ValueError("no scores")
+    best = max(range(len(values)), key=lambda i: (values[i], -i))
+    worst = min(range(len(values)), key=lambda i: (values[i], i))
+    tie = values[best] == values[worst]
+    if tie and len(values) > 1:
+        best, worst = 0, 1
+    return best, worst, tie
+
+
 def judge(scores: Sequence[ResponseScore], values: Sequence[float] | None = None) -> Judgement:
     """Best vs worst by ``values`` (a rule's, see :mod:`rules`; default the summed
     reward); ties keep input order.  ``margin`` is in the values' units."""
     if not scores:
         raise ValueError("no scores")
     rewards = list(values) if values is not None else [s.reward for s in scores]
-    best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
-    worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
-    tie = rewards[best] == rewards[worst]
-    if tie and len(scores) > 1:
-        best, worst = 0, 1
+    best, worst, tie = pick(rewards)
     return Judgement(
         best=best,
         worst=worst,

@@ -38,6 +38,7 @@ class ScoringSpec:
     token_logprobs: bool = False
     rule: str | None = None
     calibration: Any = None  # the resolved Calibration (None: none fits the pair)
+    method: str | None = None  # methods.parse_methods: "cdr", "judge,cdr", ...
 
     def __call__(self) -> BuiltTask:
         from .annotate import AnnotateTask, make_router
@@ -48,7 +49,7 @@ class ScoringSpec:
         lp = LoadedPair(self.registry, self.pair, self.settings, pull=self.pull, say=say)
         try:
             task = AnnotateTask(lp, self.profile, make_router(self.router, self.profile, lp), token_logprobs=self.token_logprobs,
-                                rule=self.rule, calibration=self.calibration)
+                                rule=self.rule, calibration=self.calibration, method=self.method)
             return BuiltTask(task, {**lp.metadata(), **task.metadata()}, {**lp.numerics(), **task.numerics()}, lp.close)
         except BaseException:
             lp.close()
@@ -64,6 +65,7 @@ class ScoringOptions:
     profile: str = "none"
     router: str | None = None
     rule: str | None = None
+    method: str | None = None  # scoring methods, the labelling one first (see cdr_local.methods)
     calibration: Path | str | None = None
     min_confidence: float | None = None
     keep_top: float | None = None
@@ -109,9 +111,9 @@ def run_scoring(command: str, input: str, output: str, opts: ScoringOptions) -> 
     models = Path(opts.models) if opts.models is not None else None
     reg, pair = registry_and_pair(models, choice)
     calibration = Path(opts.calibration) if opts.calibration is not None else None
-    cal = labelling(reg, pair, opts.rule, calibration, opts.min_confidence, opts.keep_top, cfg)
+    cal = labelling(reg, pair, opts.rule, calibration, opts.min_confidence, opts.keep_top, cfg, method=opts.method)
     spec = ScoringSpec(reg, pair, engine_settings(reg, opts.engine), prof, opts.router, opts.pull, opts.token_logprobs,
-                       opts.rule, cal)
+                       opts.rule, cal, opts.method)
     display = RunDisplay(f"{command} [{reg.pair(pair).name}/{prof.name}]", quiet=opts.quiet, plain=True if opts.plain else None)
     if opts.ray is not None:
         from .distributed import run_on_ray
@@ -151,13 +153,16 @@ def eval_paths(output: str, first: int | None, calibrate: bool) -> tuple[str, li
     return stem, reports
 
 
-def eval_report(output: str, *, rule: str | None = None, rules: list[str] | None = None, bootstrap: int = 1000,
+def eval_report(output: str, *, rule: str | None = None, method: str | None = None, rules: list[str] | None = None,
+                bootstrap: int = 1000,
                 first: int | None = None, calibrate: bool = False, models: Path | str | None = None,
                 per_section: int | None = None, seed: int = 0) -> tuple[dict[str, Any], list[Any], str]:
     """The report of an eval output (every rule, length strata, selective accuracy),
     written to ``OUT.report.json`` and ``OUT.rewardbench.json`` (and, with
     ``calibrate``, the calibration ``OUT.calibration.json``).  ``first``: report on
-    the output's first pairs only.  Returns the report, the pairs and the file stem."""
+    the output's first pairs only.  The report's main method: ``rule``, else the
+    first of ``method`` (default: the methods the output was scored with), its
+    rule for cdr.  Returns the report, the pairs and the file stem."""
     import orjson
 
     from .atomic import write_bytes_atomic
@@ -169,16 +174,27 @@ def eval_report(output: str, *, rule: str | None = None, rules: list[str] | None
         raise CdrError(f"no output to report on: {output}")
     meta_path = Path(output + ".meta.json")
     meta = orjson.loads(meta_path.read_bytes()) if meta_path.exists() else {}
+    from .methods import parse_methods
+
     extra_rules = list(rules or [])
-    main = rule or (meta.get("rule") or {}).get("label") or MAIN
+    labeller = parse_methods(method)[0] if method else ((meta.get("method") or {}).get("names") or ["cdr"])[0]
+    if labeller == "cdr" or rule:
+        main = rule or (meta.get("rule") or {}).get("label") or MAIN
+    elif labeller == "strong":
+        main = (meta.get("rule") or {}).get("label") if method is None else "strong-sum"
+        main = main or "strong-sum"
+    else:
+        main = labeller
     try:
         if first is not None and first < 1:
             raise CdrError("--limit must be at least 1")
         pairs = pairs_from_output(output, limit=first, extra=[*extra_rules, *([main] if ":" in main else [])])
         if first is not None and len(pairs) < first:
             raise CdrError(f"{output} holds {len(pairs)} labelled pairs, fewer than --limit {first}")
-        if main not in (pairs[0].values if pairs else {}):
-            main = MAIN
+        if pairs and main not in pairs[0].values:
+            if labeller not in ("cdr", "strong") and not rule:
+                raise CdrError(f"{output} holds no {labeller} scores: score it with --method {labeller}")
+            main = MAIN if MAIN in pairs[0].values else next(iter(pairs[0].values))
         rep = report(pairs, n_boot=bootstrap, seed=0)
     except ValueError as e:
         raise CdrError(str(e)) from None

@@ -10,6 +10,7 @@ from .options import (
     CalibrationOpt,
     GpuOpt,
     KeepTopOpt,
+    MethodOpt,
     MinConfidenceOpt,
     ModelsOpt,
     NBatchOpt,
@@ -56,6 +57,7 @@ def annotate(
     weak: WeakOpt = None,
     strong_system: StrongSystemOpt = None,
     weak_system: WeakSystemOpt = None,
+    method: MethodOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
     min_confidence: MinConfidenceOpt = None,
@@ -97,7 +99,7 @@ def annotate(
 
     summary = run_scoring("annotate", input, output, ScoringOptions(
         pair=PairChoice(pair, strong, weak, strong_system, weak_system), models=models, profile=profile, router=router,
-        rule=rule, calibration=calibration, min_confidence=min_confidence, keep_top=keep_top, resume=resume,
+        rule=rule, method=method, calibration=calibration, min_confidence=min_confidence, keep_top=keep_top, resume=resume,
         overwrite=overwrite, force=force, rejects=rejects, limit=limit, quiet=quiet, plain=plain,
         engine=engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, parallel_responses), pull=not no_pull,
         ray=ray_options(ray, ray_actors, ray_partition_size)))

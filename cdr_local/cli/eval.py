@@ -20,6 +20,7 @@ from .annotate import (
 from .options import (
     CalibrationOpt,
     GpuOpt,
+    MethodOpt,
     ModelsOpt,
     NBatchOpt,
     NCtxOpt,
@@ -49,6 +50,7 @@ def eval_(
     weak: WeakOpt = None,
     strong_system: StrongSystemOpt = None,
     weak_system: WeakSystemOpt = None,
+    method: MethodOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
     models: ModelsOpt = None,
@@ -90,6 +92,8 @@ def eval_(
     the chosen response is the longer one and when it is the shorter one (by
     characters), their mean (length-balanced accuracy),
     and selective accuracy (the most confident 10/20/30/50/100% of pairs).
+    --method judge,cdr adds the pairwise judge to the same report (the strong
+    model reading both responses), labelled by the first method named.
     --calibrate fits the confidence model on these pairs.  Scoring is
     annotate's pipeline: streaming, --resume, rejects.
     """
@@ -113,13 +117,16 @@ def eval_(
     extra_rules = [x.strip() for x in (rules or "").split(";") if x.strip()]
     for x in [*extra_rules, *([rule] if rule else [])]:
         parse_rule(x, {"strong_offset": 0.0, "weak_offset": 0.0, "length_slope": 0.0})  # names and syntax, before any work
+    from ..methods import parse_methods
+
+    parse_methods(method)
     first = limit if report_only else None
     stem, reports = eval_paths(output, first, calibrate)
     rep_path = stem + ".report.json"
     if not report_only:
         select = eval_sample(input, per_section, seed)
         summary = run_scoring("eval", input, output, ScoringOptions(
-            pair=choice, models=models, profile=profile, router=router, rule=rule, calibration=calibration,
+            pair=choice, models=models, profile=profile, router=router, rule=rule, method=method, calibration=calibration,
             resume=resume, overwrite=overwrite, force=force, rejects=rejects, limit=limit, quiet=quiet, plain=plain,
             engine=engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), pull=not no_pull,
             select=select, ray=ray_options(ray, ray_actors, ray_partition_size), token_logprobs=token_logprobs,
@@ -133,7 +140,7 @@ def eval_(
     from ..files import check_distinct
 
     check_distinct([("input", None if report_only else input), ("output", output), *reports])
-    rep, pairs, _ = eval_report(output, rule=rule, rules=extra_rules, bootstrap=bootstrap, first=first, calibrate=calibrate,
+    rep, pairs, _ = eval_report(output, rule=rule, method=method, rules=extra_rules, bootstrap=bootstrap, first=first, calibrate=calibrate,
                                 models=models, per_section=per_section, seed=seed)
     main = rep["main"]
     console = Console(highlight=False)

@@ -78,6 +78,16 @@ RayPartitionOpt = Annotated[
 ]
 
 
+MethodOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--method",
+        help="Scoring method, or several comma-separated (the first labels, the others are measured alongside, so "
+        "eval reports them side by side): cdr (the density ratio, with --rule), strong (the strong model's "
+        "log-likelihood alone), judge (the strong model reads both responses and scores the verdict A vs B, both "
+        "orders averaged; N responses cost N(N-1) reads). Default: cdr.",
+    ),
+]
 RuleOpt = Annotated[
     str | None,
     typer.Option(

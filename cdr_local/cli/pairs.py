@@ -22,6 +22,7 @@ from .options import (
     CalibrationOpt,
     GpuOpt,
     KeepTopOpt,
+    MethodOpt,
     MinConfidenceOpt,
     ModelsOpt,
     NBatchOpt,
@@ -59,6 +60,7 @@ def pairs(
     weak: WeakOpt = None,
     strong_system: StrongSystemOpt = None,
     weak_system: WeakSystemOpt = None,
+    method: MethodOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
     min_confidence: MinConfidenceOpt = None,
@@ -129,14 +131,18 @@ def pairs(
         embed_model = emb.name
     from ..calibration import labelling
 
-    cal = labelling(reg, pair_name, rule, calibration, min_confidence, keep_top, cfg)
+    cal = labelling(reg, pair_name, rule, calibration, min_confidence, keep_top, cfg, method=method)
     # score on the fly only if some record lacks rewards: decided per record, but the
-    # pair is loaded up front unless the input is an annotate output (has "scores")
-    score = keep is None and not _looks_scored(input)
+    # pair is loaded up front unless the input is an annotate output (has "scores";
+    # for --method judge, scores with the judge's values)
+    from ..methods import MEASURED, parse_methods
+
+    first = parse_methods(method)[0]
+    score = keep is None and not _looks_scored(input, first if first in MEASURED else None)
     mode = f"keep-{keep[0]}" if keep is not None else strategy
     spec = PairsSpec(
         reg, pair_name, engine_settings(reg, overrides), load_profile(profile) if score else None, router, not no_pull,
-        strategy, embed_model, min_margin, seed, keep, input, rule, cal,
+        strategy, embed_model, min_margin, seed, keep, input, rule, cal, method,
     )
     display = RunDisplay(f"pairs [{mode}]", quiet=quiet, plain=True if plain else None)
     if ray_opts is not None:
@@ -178,6 +184,7 @@ class PairsSpec:
     input: str
     rule: str | None = None
     calibration: Any = None  # the resolved Calibration, or None
+    method: str | None = None  # scoring methods (cdr_local.methods), the labelling one first
 
     def __call__(self) -> Any:
         from ..annotate import AnnotateTask, make_router
@@ -220,7 +227,7 @@ class PairsSpec:
             scorer = None
             if lp is not None:
                 scorer = AnnotateTask(lp, self.profile, make_router(self.router, self.profile, lp), rule=self.rule,
-                                      calibration=self.calibration)
+                                      calibration=self.calibration, method=self.method)
                 meta.update({**lp.metadata(), **scorer.metadata()})
                 numerics.update({**lp.numerics(), **scorer.numerics()})
             task: Any
@@ -237,8 +244,14 @@ class PairsSpec:
                 cal = self.calibration
                 spec = parse_rule(self.rule or (cal.rule if cal else DEFAULT_RULE), cal.params if cal else None)
                 conf = cal.confidence_for(spec.label()) if cal else Confidence()
+                if scorer is None and self.method is not None:
+                    from ..methods import MEASURED, parse_methods
+
+                    first = parse_methods(self.method)[0]
+                    if first in MEASURED:
+                        conf = cal.confidence_for(first) if cal else Confidence()
                 task = PairsTask(self.strategy, scorer=scorer, embedder=embedder, min_margin=self.min_margin, seed=self.seed,
-                                 rule=spec, confidence=conf)
+                                 rule=spec, confidence=conf, method=self.method)
                 if scorer is None:
                     meta["rule"] = {"label": spec.label(), **spec.to_json()}
                     numerics["rule"] = spec.label()
@@ -255,9 +268,10 @@ class PairsSpec:
         return BuiltTask(task, meta, numerics, close)
 
 
-def _looks_scored(input: str) -> bool:
-    """True if the first record carries rewards (an annotate output).  Stdin and
-    pipes are never peeked at (that would consume a line): the pair is loaded."""
+def _looks_scored(input: str, key: str | None = None) -> bool:
+    """True if the first record carries rewards (an annotate output; with ``key``,
+    scores that hold it).  Stdin and pipes are never peeked at (that would consume a
+    line): the pair is loaded."""
     from ..files import is_regular
 
     if input == "-" or not is_regular(input):
@@ -271,7 +285,8 @@ def _looks_scored(input: str) -> bool:
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     return False
-                return isinstance(obj, dict) and isinstance(obj.get("scores"), list)
+                sc = obj.get("scores") if isinstance(obj, dict) else None
+                return isinstance(sc, list) and (key is None or all(isinstance(s, dict) and key in s for s in sc))
     return False
 
 
