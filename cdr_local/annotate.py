@@ -134,26 +134,21 @@ class AnnotateTask:
                  *, token_logprobs: bool = False, rule: str | None = None, calibration: Calibration | None = None,
                  method: str | None = None) -> None:
         from .calibration import Confidence
-        from .methods import DEFAULT_METHOD, build_methods, parse_methods
-        from .methods.density import rule_for
+        from .methods import build_methods, parse_methods
+        from .methods.density import DensityMethod, rule_for
         from .router import NoneRouter
 
-        self.token_logprobs = token_logprobs
         self.calibration = calibration
         self.method_names = parse_methods(method)
         self.profile = profile or load_profile("none")
-        density = next((m for m in self.method_names if m in ("cdr", "strong")), DEFAULT_METHOD)
-        self.rule = rule_for(density, rule, calibration)
         self.methods: list[Method] = build_methods(self.method_names, pair, rule=rule, calibration=calibration,
                                                    profile=self.profile, token_logprobs=token_logprobs)
+        # the density rule (recorded, and read by `cdr pairs`): the density method's, else cdr's
+        self.rule = next((m.rule for m in self.methods if isinstance(m, DensityMethod)), None) or rule_for("cdr", rule, calibration)
         self.label = self.methods[0].label
         self.confidence = calibration.confidence_for(self.label) if calibration else Confidence()
         self.pair = pair
         self.router = router or NoneRouter(self.profile)
-
-    @property
-    def labeller(self) -> Method:
-        return self.methods[0]
 
     def metadata(self) -> dict[str, Any]:
         cal = self.calibration

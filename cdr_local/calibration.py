@@ -294,18 +294,15 @@ def labelling(registry: Any, pair: str | None, rule: str | None, path: str | Pat
     calibration (``path`` or the pair's shipped one), the rule it implies, and the
     abstain thresholds, which go into the run's config (hook, metadata, and the
     settings a resume must match).  Returns the calibration for the task."""
-    from .methods import parse_methods
+    from .methods import DENSITY, parse_methods
     from .methods.density import rule_for
 
     cal = resolve(registry, pair, path)
     names = parse_methods(method)
+    specs = {n: rule_for(n, rule, cal) for n in names if n in DENSITY}  # a bad --rule fails here, before any load
     first = names[0]
-    density = first in ("cdr", "strong")
-    spec = rule_for(first if density else "cdr", rule, cal)  # a bad --rule fails here, before any load
-    for n in names[1:]:
-        if n in ("cdr", "strong"):
-            rule_for(n, rule, cal)
-    cut = abstain_rule(cal, spec.label() if density else first, min_confidence, keep_top)
+    spec = specs[first] if first in specs else rule_for("cdr", rule, cal)
+    cut = abstain_rule(cal, spec.label() if first in DENSITY else first, min_confidence, keep_top)
     cfg.abstain = abstainer(cut)
     if cut:
         cfg.meta["abstain"] = cut

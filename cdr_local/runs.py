@@ -174,7 +174,7 @@ def eval_report(output: str, *, rule: str | None = None, method: str | None = No
         raise CdrError(f"no output to report on: {output}")
     meta_path = Path(output + ".meta.json")
     meta = orjson.loads(meta_path.read_bytes()) if meta_path.exists() else {}
-    from .methods import parse_methods
+    from .methods import DENSITY, parse_methods
 
     extra_rules = list(rules or [])
     labeller = parse_methods(method)[0] if method else ((meta.get("method") or {}).get("names") or ["cdr"])[0]
@@ -192,7 +192,7 @@ def eval_report(output: str, *, rule: str | None = None, method: str | None = No
         if first is not None and len(pairs) < first:
             raise CdrError(f"{output} holds {len(pairs)} labelled pairs, fewer than --limit {first}")
         if pairs and main not in pairs[0].values:
-            if labeller not in ("cdr", "strong") and not rule:
+            if labeller not in DENSITY and not rule:
                 raise CdrError(f"{output} holds no {labeller} scores: score it with --method {labeller}")
             main = MAIN if MAIN in pairs[0].values else next(iter(pairs[0].values))
         rep = report(pairs, n_boot=bootstrap, seed=0)

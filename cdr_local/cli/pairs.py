@@ -239,17 +239,13 @@ class PairsSpec:
                 numerics[f"keep_{kind}_percent"] = percent
             else:
                 from ..calibration import Confidence
+                from ..methods import MEASURED, parse_methods
                 from ..rules import DEFAULT_RULE, parse_rule
 
                 cal = self.calibration
                 spec = parse_rule(self.rule or (cal.rule if cal else DEFAULT_RULE), cal.params if cal else None)
-                conf = cal.confidence_for(spec.label()) if cal else Confidence()
-                if scorer is None and self.method is not None:
-                    from ..methods import MEASURED, parse_methods
-
-                    first = parse_methods(self.method)[0]
-                    if first in MEASURED:
-                        conf = cal.confidence_for(first) if cal else Confidence()
+                first = parse_methods(self.method)[0]
+                conf = cal.confidence_for(first if first in MEASURED else spec.label()) if cal else Confidence()
                 task = PairsTask(self.strategy, scorer=scorer, embedder=embedder, min_margin=self.min_margin, seed=self.seed,
                                  rule=spec, confidence=conf, method=self.method)
                 if scorer is None:

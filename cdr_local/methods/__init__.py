@@ -112,6 +112,8 @@ METHODS: dict[str, MethodInfo] = {
     )
 }
 DEFAULT_METHOD = "cdr"
+#: the methods of the density pass: they label with a scoring rule (``--rule``)
+DENSITY = ("cdr", "strong")
 
 #: methods whose values an output's ``scores`` entries hold under the method's own key,
 #: and how a margin between two of them reads as a z-like statistic (what a calibration
@@ -142,7 +144,3 @@ def build_methods(names: Sequence[str], pair: LoadedPair, *, rule: str | None, c
             for n in names]
 
 
-def labelling_name(methods: str | None, rule_label: str) -> str:
-    """The label of the method that labels a run (the calibration key of its confidence)."""
-    first = parse_methods(methods)[0]
-    return rule_label if first in ("cdr", "strong") else first
