@@ -1,11 +1,11 @@
-"""Scale-out on Ray: the pipeline's run, with the scoring spread over Ray actors.
+"""Scale-out on Ray: the pipeline's driver loop, with the scoring spread over Ray actors.
 
-The driver (the ``cdr`` process) does everything :func:`pipeline.run` does
-except calling the task: it reads and parses the input with the same reader
-and parser (rejects and duplicate ids are found here, with line numbers),
-keeps the same :class:`pipeline.Output` (lock, resume index, torn-tail repair,
-rejects file, metadata sidecar), and writes the same lines in the same order.
-Only ``task.process`` runs elsewhere:
+The driver (the ``cdr`` process) runs :func:`pipeline.drive`, the loop a local
+run runs: the same reader and parser (rejects and duplicate ids are found
+there, with line numbers), the same :class:`pipeline.Output` (lock, resume
+index, torn-tail repair, rejects file, metadata sidecar), the same ``--limit``,
+the same lines in the same order.  Only ``task.process`` runs elsewhere, through
+:class:`RayExecutor`:
 
 * Records are partitioned by **line ranges**: partition ``k`` holds input
   lines ``k*P+1 .. (k+1)*P`` (``P`` = ``--ray-partition-size``), or, for a
@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import shutil
 import tempfile
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,18 +50,15 @@ import orjson
 from .atomic import write_bytes_atomic
 from .errors import CdrError
 from .pipeline import (
+    Batch,
     Events,
-    IdSet,
-    InputReader,
     NullEvents,
-    Output,
-    RecordError,
     RunConfig,
     RunSummary,
     Task,
-    classify,
+    drive,
     input_total,
-    keep,
+    process_records,
     write_json_atomic,
 )
 from .records import Record, Reject
@@ -144,20 +139,15 @@ class PartitionScorer:
         return {"meta": self.built.meta, "numerics": self.built.numerics, "host": socket.gethostname(), "pid": os.getpid()}
 
     def score(self, k: int, lines: list[tuple[int, bytes]]) -> tuple[str, list[dict[str, Any]]]:
-        """Result rows of one partition, and the digest of the settings they were scored
-        with, checked by the driver on every partition."""
-        rows: list[dict[str, Any]] = []
+        """Result rows of one partition (``pipeline.process_records``'), and the digest of
+        the settings they were scored with, checked by the driver on every partition."""
+        records: list[tuple[int, Record]] = []
         for lineno, raw in lines:
             rec = self.parse(raw, lineno)
             if not isinstance(rec, Record):  # the driver sends only lines that parse
                 raise RuntimeError(f"line {lineno} did not parse on the worker as on the driver")
-            try:
-                obj, stats = self.built.task.process(rec)
-            except RecordError as e:
-                rows.append({"line": lineno, "id": rec.id, "reject": str(e), "detail": e.detail})
-                continue
-            rows.append({"line": lineno, "id": rec.id, "obj": obj, "stats": stats})
-        return self.digest, rows
+            records.append((lineno, rec))
+        return self.digest, process_records(self.built.task, records)
 
 
 def numerics_digest(numerics: dict[str, Any]) -> str:
@@ -167,18 +157,6 @@ def numerics_digest(numerics: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 # Partitions and part files
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Partition:
-    k: int
-    items: list[tuple[int, Reject | str]] = field(default_factory=list)  # in line order: a reject, or a record id to write
-    todo: list[tuple[int, bytes]] = field(default_factory=list)  # lines still to score
-    records: int = 0  # records among ``items`` (what --limit counts, if none is rejected)
-    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # line -> result row
-    ready: bool = False
-    attempts: int = 0
-    end: dict[str, Any] = field(default_factory=dict)  # the input checkpoint after its last line
 
 
 class _Parts:
@@ -251,11 +229,11 @@ class _Pool:
         self.parse = parse
         self.actors: list[_Actor] = []
         self.describing: dict[Any, _Actor] = {}
-        self.inflight: dict[Any, tuple[_Partition, _Actor]] = {}
+        self.inflight: dict[Any, tuple[Batch, _Actor]] = {}
         self.spawns_left = n * (1 + opts.replacements)
         self.reference: dict[str, Any] | None = None
         self.lost = 0  # actors that died
-        self.resubmit: list[_Partition] = []  # partitions whose actor was lost
+        self.resubmit: list[Batch] = []  # partitions whose actor was lost
         for _ in range(n):
             self._spawn()
 
@@ -288,14 +266,14 @@ class _Pool:
     def busy(self) -> bool:
         return bool(self.inflight or self.describing)
 
-    def submit(self, p: _Partition) -> None:
+    def submit(self, p: Batch) -> None:
         live = [a for a in self.actors if a.ready and a.inflight < self.opts.per_actor]
         if not live:
             raise AssertionError("submit without a free actor")
         a = min(live, key=lambda x: x.inflight)
         a.inflight += 1
         p.attempts += 1
-        self.inflight[a.handle.score.remote(p.k, p.todo)] = (p, a)
+        self.inflight[a.handle.score.remote(p.k, [(line, raw) for line, raw, _ in p.todo])] = (p, a)
 
     def _drop(self, a: _Actor) -> None:
         """This actor died: start a new one (a bounded number of times); it joins when it is ready."""
@@ -304,14 +282,14 @@ class _Pool:
             self.lost += 1
             self._spawn()
 
-    def wait_one(self) -> list[tuple[_Partition, list[dict[str, Any]]]]:
+    def wait_one(self) -> list[tuple[Batch, list[dict[str, Any]]]]:
         """Wait (at most a second, so Ctrl-C is seen) for one call; return finished partitions."""
         ray = self.ray
         refs = list(self.describing) + list(self.inflight)
         if not refs:
             raise AssertionError("nothing to wait for")
         done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
-        out: list[tuple[_Partition, list[dict[str, Any]]]] = []
+        out: list[tuple[Batch, list[dict[str, Any]]]] = []
         for ref in done:
             if ref in self.describing:
                 a = self.describing.pop(ref)
@@ -377,39 +355,6 @@ def _cause(e: BaseException) -> BaseException | None:
 # ---------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------
-
-
-def _partitions(
-    cfg: RunConfig, parse: Callable[[bytes, int], Record | Reject | None], size: int, done: IdSet, reader: InputReader,
-    limit_reached: Callable[[], bool],
-) -> Iterator[_Partition]:
-    """Input lines in line-range partitions, classified by ``pipeline.classify`` as a
-    local run classifies them.  Once ``limit_reached()``, partitions are still read
-    (the input's sha256 covers the whole file) but hold nothing: a local run records
-    nothing after its --limit-th record, not even rejects."""
-    seen = IdSet()
-    cur: _Partition | None = None
-    # the local run's order (file order, or a sample's own order), cut every ``size`` lines
-    for i, (lineno, raw) in enumerate(reader.selected(cfg.select)):
-        k = i // size
-        if cur is None or cur.k != k:
-            if cur is not None:
-                yield cur
-            cur = _Partition(k)
-        cur.end = reader.checkpoint()
-        if limit_reached():
-            continue
-        item = classify(parse, lineno, raw, seen, done)
-        if item is None:
-            continue
-        if isinstance(item, Reject):
-            cur.items.append((lineno, item))
-            continue
-        cur.records += 1
-        cur.items.append((lineno, item.id))
-        cur.todo.append((lineno, raw))
-    if cur is not None:
-        yield cur
 
 
 def _reachable(ray: Any, address: str) -> None:
@@ -484,7 +429,7 @@ def run_on_ray(
         raise CdrError("--ray-actors must be at least 1")
     ray = import_ray()
     events = events or NullEvents()
-    total = input_total(cfg)
+    input_total(cfg)  # an unreadable input fails here, before Ray starts
     _connect(ray, opts.address)
     pool: _Pool | None = None
     try:
@@ -502,84 +447,44 @@ def run_on_ray(
             "partition_size": opts.partition_size,
         }
         cfg.meta["ray"] = info
-        return _drive(cfg, parse, pool, opts, events, total, info)
+        return drive(cfg, parse, RayExecutor(pool, opts, cfg, info), events)
     finally:
         if pool is not None:
             pool.close()
         ray.shutdown()
 
 
-def _drive(
-    cfg: RunConfig,
-    parse: Callable[[bytes, int], Record | Reject | None],
-    pool: _Pool,
-    opts: RayOptions,
-    events: Events,
-    total: int | None,
-    info: dict[str, Any],
-) -> RunSummary:
-    out = Output(cfg)
-    summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None,
-                         abstained_path=str(out.abstained_path) if out.abstained_path and cfg.abstain else None)
-    reader = InputReader(cfg.input)
-    merged_to: dict[str, Any] = {"bytes": 0, "lines": 0, "sha256": hashlib.sha256().hexdigest()}
-    out.progress = lambda: merged_to
-    summary.resumed = out.open()
-    rng = random.Random(0)
-    counts = {"partitions": 0, "scored": 0, "from_part_files": 0}
-    info["this_run"] = counts
-    t0 = time.perf_counter()
-    failed = False
-    parts: _Parts | None = None
+class RayExecutor:
+    """``pipeline.drive``'s executor on Ray: batches (partitions of
+    ``--ray-partition-size`` lines) go to the actors, read ahead within a window
+    and within ``--limit``'s room; their rows are kept in part files until the
+    driver has written them."""
 
-    def reject(rej: Reject) -> None:
-        if out.reject(rej):
-            summary.rejected += 1
-        events.reject(rej)
+    def __init__(self, pool: _Pool, opts: RayOptions, cfg: RunConfig, info: dict[str, Any]) -> None:
+        self.pool = pool
+        self.batch_size = opts.partition_size
+        self.cfg = cfg
+        self.info = info
+        self.counts = {"partitions": 0, "scored": 0, "from_part_files": 0}
+        info["this_run"] = self.counts
+        self.parts: _Parts | None = None
 
-    def limit_reached() -> bool:
-        return cfg.limit is not None and summary.done >= cfg.limit
-
-    def merge(p: _Partition) -> None:
-        frozen = limit_reached()
-        for lineno, it in p.items:
-            if limit_reached():
-                break  # as pipeline.run: nothing is recorded after the --limit-th record
-            if isinstance(it, Reject):
-                reject(it)
-                continue
-            row = p.rows[lineno]
-            if "reject" in row:
-                reject(Reject(lineno, row["reject"], id=row["id"], detail=row.get("detail")))
-                continue
-            keep(cfg, out, row["obj"], row["stats"], lineno, row["id"], reject, summary, rng, events)
-        assert parts is not None
-        parts.remove(p.k)
-        if not frozen:  # the checkpoint where the --limit stopped the work, as pipeline.run's
-            merged_to.clear()
-            merged_to.update(p.end)
-
-    def in_flight() -> int:
-        """Records read but not merged yet: what may still count toward --limit."""
-        return sum(p.records for p in pending)
-
-    try:
-        parts = _Parts(cfg.output, cfg.numerics, cfg.resume)
-        events.start(total, summary.resumed)
-        partitions = _partitions(cfg, parse, opts.partition_size, out.done_ids, reader, limit_reached)
-        pending: deque[_Partition] = deque()
+    def results(self, batches: Iterator[Batch], room: Callable[[], int | None]) -> Iterator[Batch]:
+        pool, counts = self.pool, self.counts
+        parts = self.parts = _Parts(self.cfg.output, self.cfg.numerics, self.cfg.resume)
+        pending: deque[Batch] = deque()
         window = max(4, 4 * len(pool.actors))
         reading = True
         while True:
             while pool.resubmit and pool.free_slots() > 0:
                 pool.submit(pool.resubmit.pop(0))
             while reading and len(pending) < window and pool.free_slots() > 0:
-                if cfg.limit is not None and not limit_reached() and in_flight() >= cfg.limit - summary.done:
+                left = room()
+                if left is not None and left > 0 and sum(p.records for p in pending) >= left:
                     break  # enough records are on their way; read on once merges show how many were rejected
-                p = next(partitions, None)
+                p = next(batches, None)
                 if p is None:
                     reading = False
-                    summary.input_sha256 = reader.hasher.hexdigest()
                     break
                 counts["partitions"] += 1
                 pending.append(p)
@@ -587,7 +492,7 @@ def _drive(
                     saved = parts.load(p.k)
                     ids = {line: rid for line, rid in p.items if isinstance(rid, str)}
                     p.rows = {line: r for line, r in saved.items() if ids.get(line) == r.get("id")}
-                    p.todo = [(line, raw) for line, raw in p.todo if line not in p.rows]
+                    p.todo = [t for t in p.todo if t[0] not in p.rows]
                     if p.rows:
                         counts["from_part_files"] += 1
                 if p.todo:
@@ -597,9 +502,11 @@ def _drive(
                     p.ready = True
             merged = bool(pending and pending[0].ready)
             while pending and pending[0].ready:
-                merge(pending.popleft())
+                p = pending.popleft()
+                yield p
+                parts.remove(p.k)  # written by the driver
             if not reading and not pending:
-                break
+                return
             if merged:
                 continue  # room to read ahead again before waiting
             for p, rows in pool.wait_one():
@@ -607,17 +514,11 @@ def _drive(
                 p.todo = []
                 parts.write(p.k, p.rows)
                 p.ready = True
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        summary.seconds = time.perf_counter() - t0
-        info["actors_lost"] = pool.lost
-        info["hosts"] = sorted({a.host for a in pool.actors if a.host})
-        out.close(summary, failed)
-        if parts is not None and (parts.temporary or not (failed or summary.interrupted)):
-            parts.finish()
-    events.finish(summary)
-    return summary
+
+    def finish(self) -> None:
+        self.info["actors_lost"] = self.pool.lost
+        self.info["hosts"] = sorted({a.host for a in self.pool.actors if a.host})
+
+    def cleanup(self, complete: bool) -> None:
+        if self.parts is not None and (self.parts.temporary or complete):
+            self.parts.finish()

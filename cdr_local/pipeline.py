@@ -17,6 +17,12 @@ What it guarantees (tested in tests/test_pipeline.py and tests/test_resume.py):
   with line number and reason; the run goes on.
 * Ctrl-C stops after the record in flight; everything written stays valid.
 
+One driver loop (:func:`drive`) serves local and Ray runs alike: it reads and
+classifies the input (blank lines, bad lines, repeated ids, ids a resumed run
+already wrote), counts ``--limit``, records rejects and writes results in input
+order; an :class:`Executor` only processes records (:class:`InProcess` here,
+``distributed.RayExecutor`` on Ray actors).
+
 The pipeline never imports rich: it reports through an :class:`Events` object.
 """
 
@@ -712,29 +718,112 @@ class Output:
                 raise
 
 
+@dataclass
+class Batch:
+    """Consecutive input lines (in the run's order), classified: the unit an
+    :class:`Executor` runs.  Batch ``k`` holds lines ``k*size .. (k+1)*size-1``
+    of the run's order, so the batching depends on the input alone."""
+
+    k: int
+    items: list[tuple[int, Reject | str]] = field(default_factory=list)  # in line order: a reject, or a record id to write
+    todo: list[tuple[int, bytes, Record]] = field(default_factory=list)  # records still to process
+    records: int = 0  # records among ``items`` (what --limit counts, if none is rejected)
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # line -> result row (see process_records)
+    ready: bool = False
+    attempts: int = 0
+    end: dict[str, Any] = field(default_factory=dict)  # the input checkpoint after its last line
+
+
+def process_records(task: Task, records: Sequence[tuple[int, Record]]) -> list[dict[str, Any]]:
+    """One result row per record: ``{line, id, obj, stats}``, or ``{line, id, reject, detail}``
+    when the task rejects it.  What every executor (in process, or a Ray actor) returns."""
+    rows: list[dict[str, Any]] = []
+    for lineno, rec in records:
+        try:
+            obj, stats = task.process(rec)
+        except RecordError as e:
+            rows.append({"line": lineno, "id": rec.id, "reject": str(e), "detail": e.detail})
+            continue
+        rows.append({"line": lineno, "id": rec.id, "obj": obj, "stats": stats})
+    return rows
+
+
+class Executor(Protocol):
+    """Where records are processed: in this process (:class:`InProcess`) or on Ray
+    actors (``distributed.RayExecutor``).  :func:`drive` owns everything else."""
+
+    batch_size: int
+
+    def results(self, batches: Iterator[Batch], room: Callable[[], int | None]) -> Iterator[Batch]:
+        """Every batch of ``batches``, in order, with ``rows`` filled in for its ``todo``.
+
+        ``room()``: how many more records may be written (``--limit``), None for no limit;
+        an executor that reads ahead reads no more batches than that while they are in
+        flight.  The generator resumes only after the driver has written a batch."""
+        ...
+
+    def finish(self) -> None:
+        """The run stops (done, interrupted or failed): before the sidecar is written."""
+        ...
+
+    def cleanup(self, complete: bool) -> None:
+        """After the sidecar is written; ``complete``: neither interrupted nor failed."""
+        ...
+
+
+class InProcess:
+    """Records processed here, one at a time, each written before the next is read."""
+
+    batch_size = 1
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def results(self, batches: Iterator[Batch], room: Callable[[], int | None]) -> Iterator[Batch]:
+        for b in batches:
+            b.rows = {r["line"]: r for r in process_records(self.task, [(line, rec) for line, _, rec in b.todo])}
+            yield b
+
+    def finish(self) -> None:
+        pass
+
+    def cleanup(self, complete: bool) -> None:
+        pass
+
+
 def run(
     cfg: RunConfig,
     parse: Callable[[bytes, int], Record | Reject | None],
     task: Task,
     events: Events | None = None,
 ) -> RunSummary:
-    """Stream ``cfg.input`` through ``task`` into ``cfg.output``."""
+    """Stream ``cfg.input`` through ``task`` into ``cfg.output``, in this process."""
+    return drive(cfg, parse, InProcess(task), events)
+
+
+def drive(
+    cfg: RunConfig,
+    parse: Callable[[bytes, int], Record | Reject | None],
+    executor: Executor,
+    events: Events | None = None,
+) -> RunSummary:
+    """The one driver loop of local and Ray runs: read and classify the input
+    (:func:`batches`), let ``executor`` process the records, and write results,
+    rejects and abstentions in input order through one :class:`Output`, with
+    ``--limit`` and resume handled here."""
     events = events or NullEvents()
     out = Output(cfg)
     summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None,
                          abstained_path=str(out.abstained_path) if out.abstained_path and cfg.abstain else None)
     total = input_total(cfg)  # before the output is created: an unreadable input is a user error
     reader = InputReader(cfg.input)
-    done_at: dict[str, Any] | None = None  # the input checkpoint where --limit stopped the work
-
-    def progress() -> dict[str, Any]:
-        return done_at if done_at is not None else reader.checkpoint()
-
-    out.progress = progress
+    # the input checkpoint of what is written: where --limit stopped the work, or the
+    # last batch written (the sidecar records it; --resume checks the input against it)
+    merged_to = reader.checkpoint()
+    out.progress = lambda: merged_to
     summary.resumed = out.open()
     rng = random.Random(0)
     events.start(total, summary.resumed)
-    seen = IdSet.for_items(total)
     t0 = time.perf_counter()
     failed = False
 
@@ -743,15 +832,34 @@ def run(
             summary.rejected += 1
         events.reject(rej)
 
-    try:
-        for lineno, raw in reader.selected(cfg.select):
-            if cfg.limit is not None and summary.done >= cfg.limit:
-                # read on (the input's sha256) but record nothing more, not even rejects:
+    def limit_reached() -> bool:
+        return cfg.limit is not None and summary.done >= cfg.limit
+
+    def room() -> int | None:
+        return None if cfg.limit is None else cfg.limit - summary.done
+
+    def write(b: Batch) -> None:
+        frozen = limit_reached()
+        for lineno, it in b.items:
+            if limit_reached():
+                break  # nothing is recorded after the --limit-th record, not even rejects:
                 # the resumed run records them, in input order, as one whole run would
+            if isinstance(it, Reject):
+                reject(it)
                 continue
-            _process_line(cfg, out, task, parse, lineno, raw, seen, reject, summary, rng, events)
-            if cfg.limit is not None and summary.done >= cfg.limit and done_at is None:
-                done_at = reader.checkpoint()
+            row = b.rows[lineno]
+            if "reject" in row:
+                reject(Reject(lineno, row["reject"], id=row["id"], detail=row.get("detail")))
+                continue
+            keep(cfg, out, row["obj"], row["stats"], lineno, row["id"], reject, summary, rng, events)
+        if not frozen:
+            merged_to.clear()
+            merged_to.update(b.end)
+
+    try:
+        for b in executor.results(batches(cfg, parse, executor.batch_size, IdSet.for_items(total), out.done_ids,
+                                          reader, limit_reached), room):
+            write(b)
         summary.input_sha256 = reader.hasher.hexdigest()
     except KeyboardInterrupt:
         summary.interrupted = True
@@ -760,14 +868,46 @@ def run(
         raise
     finally:
         summary.seconds = time.perf_counter() - t0
+        executor.finish()
         out.close(summary, failed)
+        executor.cleanup(not (failed or summary.interrupted))
     events.finish(summary)
     return summary
 
 
+def batches(
+    cfg: RunConfig, parse: Callable[[bytes, int], Record | Reject | None], size: int, seen: IdSet, done: IdSet,
+    reader: InputReader, limit_reached: Callable[[], bool],
+) -> Iterator[Batch]:
+    """Input lines in batches of ``size`` (file order, or a sample's own order), each
+    line classified by :func:`classify`.  Once ``limit_reached()``, batches are still
+    read (the input's sha256 covers the whole file) but hold nothing."""
+    cur: Batch | None = None
+    for i, (lineno, raw) in enumerate(reader.selected(cfg.select)):
+        k = i // size
+        if cur is None or cur.k != k:
+            if cur is not None:
+                yield cur
+            cur = Batch(k)
+        cur.end = reader.checkpoint()
+        if limit_reached():
+            continue
+        item = classify(parse, lineno, raw, seen, done)
+        if item is None:
+            continue
+        if isinstance(item, Reject):
+            cur.items.append((lineno, item))
+            continue
+        cur.records += 1
+        cur.items.append((lineno, item.id))
+        cur.todo.append((lineno, raw, item))
+    if cur is not None:
+        yield cur
+
+
 def classify(parse: Callable[[bytes, int], Record | Reject | None], lineno: int, raw: bytes, seen: IdSet,
              done: IdSet) -> Record | Reject | None:
-    """One input line as both drivers (local and Ray) see it: ``None`` for a blank
+    """One input line as the driver sees it: ``None`` for a blank
     line or a record the resumed run already wrote, a :class:`Reject` for a bad line
     or a repeated id, else the record to process (its id is then marked seen)."""
     item = parse(raw, lineno)
@@ -780,28 +920,10 @@ def classify(parse: Callable[[bytes, int], Record | Reject | None], lineno: int,
     return None if key in done else item
 
 
-def _process_line(
-    cfg: RunConfig, out: Output, task: Task, parse: Callable[[bytes, int], Record | Reject | None], lineno: int,
-    raw: bytes, seen: IdSet, reject: Callable[[Reject], None], summary: RunSummary, rng: random.Random, events: Events,
-) -> None:
-    item = classify(parse, lineno, raw, seen, out.done_ids)
-    if item is None:
-        return
-    if isinstance(item, Reject):
-        reject(item)
-        return
-    try:
-        obj, stats = task.process(item)
-    except RecordError as e:
-        reject(Reject(lineno, str(e), id=item.id, detail=e.detail))
-        return
-    keep(cfg, out, obj, stats, lineno, item.id, reject, summary, rng, events)
-
-
 def keep(cfg: RunConfig, out: Output, obj: dict[str, Any], stats: dict[str, float], lineno: int, rid: str,
          reject: Callable[[Reject], None], summary: RunSummary, rng: random.Random, events: Events) -> None:
     """Write one finished record: to the output, or, if the annotator abstains on it,
-    to the abstained file.  Shared by the local and the Ray driver."""
+    to the abstained file."""
     why = cfg.abstain(obj) if cfg.abstain is not None else None
     try:
         if why is not None:
