@@ -28,18 +28,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .assembly import PairChoice
+from .engine import CLI_KEYS
 
 if TYPE_CHECKING:
     from .annotate import AnnotateTask
     from .pipeline import RunSummary
 
-#: Engine settings accepted as keyword arguments (models.toml's [engine] keys).
-ENGINE_KEYS = ("n_threads", "n_ctx", "n_batch", "n_ubatch", "n_gpu_layers", "parallel_responses")
+#: Engine settings accepted as keyword arguments: those a command line may set
+#: (declared once, on :class:`~cdr_local.engine.EngineSettings`' fields).
+ENGINE_KEYS = CLI_KEYS
 
 
-def _choice(pair: str | None, strong: str | None, weak: str | None, strong_system: str | None,
+def _choice(pair: str | PairChoice | None, strong: str | None, weak: str | None, strong_system: str | None,
             weak_system: str | None) -> PairChoice:
-    c = PairChoice(pair, strong, weak, strong_system, weak_system)
+    """The pair to score with: a name, or --strong/--weak, or a ready :class:`PairChoice` (the CLI's)."""
+    if isinstance(pair, PairChoice):
+        if (strong, weak, strong_system, weak_system) != (None, None, None, None):
+            raise TypeError("a PairChoice already names the models: give strong/weak in it, not beside it")
+        c = pair
+    else:
+        c = PairChoice(pair, strong, weak, strong_system, weak_system)
     c.check()
     return c
 
@@ -55,7 +63,7 @@ class Annotator:
     """A loaded pair with its profile, router, rule and calibration: score records
     in Python.  ``score`` returns exactly the record ``cdr annotate`` writes."""
 
-    def __init__(self, pair: str | None = None, *, strong: str | None = None, weak: str | None = None,
+    def __init__(self, pair: str | PairChoice | None = None, *, strong: str | None = None, weak: str | None = None,
                  strong_system: str | None = None, weak_system: str | None = None, models: str | Path | None = None,
                  profile: str = "none", router: str | None = None, rule: str | None = None,
                  calibration: str | Path | None = None, token_logprobs: bool = False, pull: bool = True,

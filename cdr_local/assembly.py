@@ -1,7 +1,7 @@
 """What a command assembles before anything runs: the merged registry, the pair
 (a registry pair, or two models given as --strong/--weak), the engine settings
 (models.toml's [engine] plus overrides, with errors naming the flag or the key)
-and Ray options.  No typer here: the CLI (``cli/options.py``) and the Python API
+and Ray options.  No typer here: the CLI (``cli/groups.py``) and the Python API
 (``cdr_local.api``) both build on these."""
 
 from __future__ import annotations
@@ -74,16 +74,6 @@ def registry_and_pair(models: Path | None, pair: str | PairChoice | None) -> tup
     choice.check()
     return choice.resolve(load_registry(models))
 
-def engine_overrides(threads: Any, n_ctx: Any, n_batch: Any, n_ubatch: Any, n_gpu_layers: Any, parallel: bool) -> dict[str, Any]:
-    return {
-        "n_threads": threads,
-        "n_ctx": n_ctx,
-        "n_batch": n_batch,
-        "n_ubatch": n_ubatch,
-        "n_gpu_layers": n_gpu_layers,
-        "parallel_responses": parallel or None,
-    }
-
 
 def engine_settings(reg: Any, overrides: dict[str, Any]) -> Any:
     """models.toml's [engine] table plus command-line overrides; bad values are a ConfigError."""
@@ -103,15 +93,6 @@ def engine_settings(reg: Any, overrides: dict[str, Any]) -> Any:
             msg = f"{reg.origins.get('engine.' + name, reg.path)}: engine.{msg}"
         raise ConfigError(msg) from None
 
-
-
-def load_pair(models: Path | None, pair: str | PairChoice | None, overrides: dict[str, Any], no_pull: bool) -> Any:
-    """Registry -> pair -> settings -> loaded pair, with user errors as CdrError (all but the load before it)."""
-    from .pair import LoadedPair
-    from .ui import say
-
-    reg, name = registry_and_pair(models, pair)
-    return LoadedPair(reg, name, engine_settings(reg, overrides), pull=not no_pull, say=say)
 
 def ray_options(address: str | None, actors: int | None, partition_size: int) -> Any:
     """``RayOptions`` for ``--ray`` (None without it); the actors' resources are set from the engine settings later."""

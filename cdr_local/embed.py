@@ -29,9 +29,11 @@ class Embedder:
         if not model.embeddings:
             raise ValueError("the model context must be created with embeddings=True")
         self.model = model
+        from .engine.backends import DEFAULT_BACKEND
+
         backend = model.describe()["backend"]
         # another backend's vectors are other numbers: their own cache (llama.cpp's keeps its old name)
-        self.model_sha256 = model_sha256 if backend == "llama.cpp" else hashlib.sha256(f"{model_sha256}:{backend}".encode()).hexdigest()
+        self.model_sha256 = model_sha256 if backend == DEFAULT_BACKEND else hashlib.sha256(f"{model_sha256}:{backend}".encode()).hexdigest()
         self.cache_path = cache if cache is not None else home_dir() / "embeddings" / f"{self.model_sha256[:12]}.sqlite"
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.cache_path)

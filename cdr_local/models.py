@@ -63,6 +63,7 @@ else:  # pragma: no cover - exercised only on 3.10
 
 from .atomic import fsync_dir
 from .engine import EngineSettings
+from .engine.backends import DEFAULT_BACKEND
 from .errors import ConfigError, ModelError
 from .gguf_check import NotRegularFileError, gguf_problem, open_regular
 from .paths import model_cache_dir, user_registry_path
@@ -225,7 +226,7 @@ class ModelSpec:
     description: str = ""
     license: str | None = None
     convert: str | None = None
-    backend: str = "llama.cpp"  # engine/backends.py: which library runs it
+    backend: str = DEFAULT_BACKEND  # engine/backends.py: which library runs it
 
     @property
     def source_kind(self) -> str:
@@ -694,7 +695,7 @@ class _Parser:
         convert = self.string(t, "convert", *w)
         if convert is not None and convert not in CONVERT_TYPES:
             raise self.err(_key(*w, "convert"), f"must be one of {', '.join(CONVERT_TYPES)}")
-        from .engine.backends import BACKENDS, DEFAULT_BACKEND
+        from .engine.backends import BACKENDS
 
         backend = self.string(t, "backend", *w) or DEFAULT_BACKEND
         if backend not in BACKENDS:

@@ -80,6 +80,35 @@ def write_records(path: Path, instructions: list[str], outputs: dict[str, str]) 
     return n
 
 
+def write_judge_records(path: Path, instructions: list[str], model: dict[str, str], baseline: dict[str, str]) -> int:
+    """One record per instruction both answered, for the judge: response_a the model's
+    output, response_b the baseline's (the judge reads both orders); returns records written."""
+    n = 0
+    with open(path, "wb") as f:
+        for ins in instructions:
+            if ins in model and ins in baseline:
+                rec = {"id": instruction_id(ins), "prompt": ins, "response_a": model[ins], "response_b": baseline[ins]}
+                f.write(orjson.dumps(rec) + b"\n")
+                n += 1
+    return n
+
+
+def judged_margins(path: Path, instructions: list[str]) -> dict[str, float]:
+    """instruction -> the judge's value(model) - value(baseline), from a judge output
+    of :func:`write_judge_records`' records (``scores[0]`` is the model's)."""
+    ids = {instruction_id(ins): ins for ins in instructions}
+    out: dict[str, float] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                obj = orjson.loads(line)
+                ins = ids.get(str(obj["id"]))
+                if ins is not None:
+                    a, b = obj["scores"]
+                    out[ins] = float(a["judge"]) - float(b["judge"])
+    return out
+
+
 def read_scored(path: Path) -> dict[str, Response]:
     """id -> the scoring pass's numbers of each scored response (rules recompute from them)."""
     from .rules import Response

@@ -109,6 +109,64 @@ def test_winrate_cli_matches_recomputation(tmp_path: Path, tiny_registry: Path) 
     assert not (out / "m3.scores.jsonl").exists()
 
 
+def test_winrate_judge_matches_annotate_and_recomputation(tmp_path: Path, tiny_registry: Path) -> None:
+    """--method judge: each (model, baseline) pair judged side by side; the margins are what
+    `cdr annotate --method judge` gives on the same pairs, the win rates recomputed from them."""
+    _write_alpaca(tmp_path / "base.json", "base", 0, 0)
+    _write_alpaca(tmp_path / "m1.json", "m1", 2, 1)
+    _write_alpaca(tmp_path / "m2.json", "m2", 4, 7)
+    out = tmp_path / "wr"
+    args = [*CDR, "winrate", "-m", str(tmp_path / "m1.json"), "-m", str(tmp_path / "m2.json"),
+            "-b", str(tmp_path / "base.json"), "-o", str(out), "--models", str(tiny_registry), "--instructions", "4",
+            "--method", "judge", "--quiet", "--n-ctx", "2048"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "winrate.json").read_text())
+    assert rep["rule"] == "judge" and rep["tau"] == 2.0 and "log-odds" in rep["tau_from"]
+    assert not (out / "baseline.scores.jsonl").exists()  # the baseline is judged beside each model, not alone
+    chosen = select_instructions(load_outputs(tmp_path / "base.json"), 4, 0)
+    base = load_outputs(tmp_path / "base.json")
+    ann = json.loads((out / "annotations.json").read_text())
+    for m in rep["models"]:
+        outs = load_outputs(tmp_path / f"{m['name']}.json")
+        # the independent path: the same pairs, model output first, through annotate
+        recs = tmp_path / f"{m['name']}.pairs.jsonl"
+        recs.write_text("".join(json.dumps({"id": instruction_id(s), "prompt": s, "response_a": outs[s], "response_b": base[s]}) + "\n"
+                                for s in chosen))
+        a = subprocess.run([*CDR, "annotate", str(recs), "-o", str(tmp_path / f"{m['name']}.ann.jsonl"), "--models", str(tiny_registry),
+                            "--method", "judge", "--quiet", "--n-ctx", "2048"], capture_output=True, text=True, timeout=300)
+        assert a.returncode == 0, a.stderr
+        rows = {x["id"]: x for x in map(json.loads, (tmp_path / f"{m['name']}.ann.jsonl").read_text().splitlines())}
+        margin = {s: rows[instruction_id(s)]["scores"][0]["judge"] - rows[instruction_id(s)]["scores"][1]["judge"] for s in chosen}
+        p = np.array([sigmoid(margin[s] / 2) for s in chosen])
+        dlen = np.array([len(base[s]) - len(outs[s]) for s in chosen], dtype=float)
+        want = lc_win_rate(p, dlen, None, cv=True, n_boot=0)  # two models: no difficulty term
+        assert m["n"] == 4
+        assert m["win_rate"] == pytest.approx(100 * p.mean(), abs=1e-9)
+        assert m["lc_win_rate"] == pytest.approx(want.lc_win_rate, abs=1e-9)
+        mine = {x["instruction"]: x["preference"] for x in ann if x["generator_2"] == m["name"]}
+        assert mine == pytest.approx({s: 1 + sigmoid(margin[s] / 2) for s in chosen}, abs=1e-12)
+    assert all(x["annotator"].endswith("/judge") for x in ann)
+    # a rerun resumes: the same report
+    r2 = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr
+    assert json.loads((out / "winrate.json").read_text())["models"] == rep["models"]
+
+
+@pytest.mark.parametrize(("extra", "msg"), [
+    (["--method", "judge", "--rule", "cdr-sum"], "--rule and --calibration go with --method cdr"),
+    (["--method", "judge,cdr"], "winrate takes one --method"),
+    (["--method", "nope"], "unknown method 'nope'"),
+])
+def test_winrate_method_errors(tmp_path: Path, extra: list[str], msg: str) -> None:
+    _write_alpaca(tmp_path / "base.json", "base", 0, 0)
+    r = subprocess.run([*CDR, "winrate", "-m", str(tmp_path / "base.json"), "-b", str(tmp_path / "base.json"),
+                        "-o", str(tmp_path / "wr"), *extra], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "wr").exists()  # refused before any folder is made
+
+
 def test_lc_cli_writes_debiased_labels(tmp_path: Path, tiny_registry: Path) -> None:
     rows = [{"id": str(i), "prompt": f"Say something about {i}.", "response_a": "Short." if i % 2 else "A much longer answer " * (1 + i % 4),
              "response_b": "Another answer, of middling length." * (1 + i % 3)} for i in range(10)]

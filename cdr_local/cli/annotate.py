@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ..assembly import PairChoice
+from .groups import PAIR, RAY, engine_options, uses
 from .options import (
     CalibrationOpt,
-    GpuOpt,
     KeepTopOpt,
     MethodOpt,
     MinConfidenceOpt,
     ModelsOpt,
-    NBatchOpt,
-    NCtxOpt,
     NoPullOpt,
-    NUbatchOpt,
-    PairChoice,
-    PairOpt,
-    ParallelOpt,
     ProfileOpt,
-    RayActorsOpt,
-    RayOpt,
-    RayPartitionOpt,
     RouterOpt,
     RuleOpt,
-    StrongOpt,
-    StrongSystemOpt,
-    ThreadsOpt,
-    WeakOpt,
-    WeakSystemOpt,
 )
 
 InputArg = Annotated[
@@ -49,14 +36,11 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress displ
 PlainOpt = Annotated[bool, typer.Option("--plain", help="Plain log lines instead of the progress bar.")]
 
 
+@uses(PAIR, engine_options(parallel=True), RAY)
 def annotate(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Output JSONL ('-' for stdout). Sidecars: OUT.meta.json, OUT.rejects.jsonl.")],
-    pair: PairOpt = None,
-    strong: StrongOpt = None,
-    weak: WeakOpt = None,
-    strong_system: StrongSystemOpt = None,
-    weak_system: WeakSystemOpt = None,
+    pair: PairChoice,
     method: MethodOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
@@ -72,16 +56,10 @@ def annotate(
     limit: LimitOpt = None,
     quiet: QuietOpt = False,
     plain: PlainOpt = False,
-    threads: ThreadsOpt = None,
-    n_ctx: NCtxOpt = None,
-    n_batch: NBatchOpt = None,
-    n_ubatch: NUbatchOpt = None,
-    n_gpu_layers: GpuOpt = None,
-    parallel_responses: ParallelOpt = False,
     no_pull: NoPullOpt = False,
-    ray: RayOpt = None,
-    ray_actors: RayActorsOpt = None,
-    ray_partition_size: RayPartitionOpt = 64,
+    *,
+    engine: dict[str, Any],
+    ray: Any,  # RayOptions, or None without --ray
 ) -> None:
     """Score every record's responses with the pair's density ratio.
 
@@ -95,14 +73,11 @@ def annotate(
     with any two models instead of a registry pair.
     """
     from ..runs import ScoringOptions, run_scoring
-    from .options import engine_overrides, ray_options
 
     summary = run_scoring("annotate", input, output, ScoringOptions(
-        pair=PairChoice(pair, strong, weak, strong_system, weak_system), models=models, profile=profile, router=router,
-        rule=rule, method=method, calibration=calibration, min_confidence=min_confidence, keep_top=keep_top, resume=resume,
-        overwrite=overwrite, force=force, rejects=rejects, limit=limit, quiet=quiet, plain=plain,
-        engine=engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, parallel_responses), pull=not no_pull,
-        ray=ray_options(ray, ray_actors, ray_partition_size)))
+        pair=pair, models=models, profile=profile, router=router, rule=rule, method=method, calibration=calibration,
+        min_confidence=min_confidence, keep_top=keep_top, resume=resume, overwrite=overwrite, force=force,
+        rejects=rejects, limit=limit, quiet=quiet, plain=plain, engine=engine, pull=not no_pull, ray=ray))
     if summary.interrupted:
         raise typer.Exit(130)
     from .common import require_scored

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ..assembly import PairChoice
 from .annotate import (
     ForceOpt,
     InputArg,
@@ -17,39 +18,23 @@ from .annotate import (
     RejectsOpt,
     ResumeOpt,
 )
+from .groups import PAIR, RAY, engine_options, uses
 from .options import (
     CalibrationOpt,
-    GpuOpt,
     MethodOpt,
     ModelsOpt,
-    NBatchOpt,
-    NCtxOpt,
     NoPullOpt,
-    NUbatchOpt,
-    PairChoice,
-    PairOpt,
     ProfileOpt,
-    RayActorsOpt,
-    RayOpt,
-    RayPartitionOpt,
     RouterOpt,
     RuleOpt,
-    StrongOpt,
-    StrongSystemOpt,
-    ThreadsOpt,
-    WeakOpt,
-    WeakSystemOpt,
 )
 
 
+@uses(PAIR, engine_options(), RAY)
 def eval_(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Scored pairs (JSONL, as annotate writes). Report: OUT.report.json (+ OUT.report.png with the plot extra).")],
-    pair: PairOpt = None,
-    strong: StrongOpt = None,
-    weak: WeakOpt = None,
-    strong_system: StrongSystemOpt = None,
-    weak_system: WeakSystemOpt = None,
+    pair: PairChoice,
     method: MethodOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
@@ -71,15 +56,10 @@ def eval_(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object instead of tables.")] = False,
     token_logprobs: Annotated[bool, typer.Option("--token-logprobs", help="Also write each side's per-token log-probs (for rules beyond the sums; bigger output).")] = False,
     report_only: Annotated[bool, typer.Option("--report-only", help="Do not score: report on an existing output (with --limit K: on its first K pairs, into OUT.firstK.report.json).")] = False,
-    threads: ThreadsOpt = None,
-    n_ctx: NCtxOpt = None,
-    n_batch: NBatchOpt = None,
-    n_ubatch: NUbatchOpt = None,
-    n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
-    ray: RayOpt = None,
-    ray_actors: RayActorsOpt = None,
-    ray_partition_size: RayPartitionOpt = 64,
+    *,
+    engine: dict[str, Any],
+    ray: Any,  # RayOptions, or None without --ray
 ) -> None:
     """Score labelled pairs (prompt, chosen, rejected; optional subset, section) and report accuracy.
 
@@ -104,10 +84,8 @@ def eval_(
     from ..evaluate import plot, report_table, section_table, subset_table
     from ..rules import parse_rule
     from ..runs import ScoringOptions, eval_paths, eval_report, eval_sample, run_scoring
-    from .options import engine_overrides, ray_options
 
-    choice = PairChoice(pair, strong, weak, strong_system, weak_system)
-    choice.check()
+    pair.check()
     if output == "-":
         raise CdrError("eval needs an output file (its report is written next to it)")
     if bootstrap < 1:
@@ -126,10 +104,10 @@ def eval_(
     if not report_only:
         select = eval_sample(input, per_section, seed)
         summary = run_scoring("eval", input, output, ScoringOptions(
-            pair=choice, models=models, profile=profile, router=router, rule=rule, method=method, calibration=calibration,
+            pair=pair, models=models, profile=profile, router=router, rule=rule, method=method, calibration=calibration,
             resume=resume, overwrite=overwrite, force=force, rejects=rejects, limit=limit, quiet=quiet, plain=plain,
-            engine=engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), pull=not no_pull,
-            select=select, ray=ray_options(ray, ray_actors, ray_partition_size), token_logprobs=token_logprobs,
+            engine=engine, pull=not no_pull,
+            select=select, ray=ray, token_logprobs=token_logprobs,
             also_writes=tuple(reports)))
         if summary.interrupted:
             raise typer.Exit(130)

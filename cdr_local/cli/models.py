@@ -53,8 +53,8 @@ def _origin(reg: Registry, key: str) -> str:
 @app.command("list", epilog=MODELS_FILE)
 def list_(models: ModelsOpt = None, json_out: JsonOpt = False) -> None:
     """Models and pairs in the registry, where each comes from (shipped, user or a --models file), and whether each model is present."""
+    from ..assembly import load_registry
     from ..models import is_present, model_path
-    from .options import load_registry
 
     reg = load_registry(models)
     if json_out:
@@ -104,9 +104,9 @@ def _side(s: PairSide) -> str:
 @app.command("check", epilog=MODELS_FILE)
 def check(names: NamesArg = None, pair: PairNamesOpt = None, all_: AllOpt = False, models: ModelsOpt = None) -> None:
     """Verify present models (sha256 and GGUF header). Exit 2 if any is missing or bad."""
+    from ..assembly import load_registry
     from ..models import verify
     from ..ui import say
-    from .options import load_registry
 
     reg = load_registry(models)
     bad = 0
@@ -127,9 +127,9 @@ def pull(
     models: ModelsOpt = None,
 ) -> None:
     """Fetch models into the cache (CDR_CACHE_DIR or CDR_HOME/models), verifying sha256."""
+    from ..assembly import load_registry
     from ..models import pull as do_pull
     from ..ui import say
-    from .options import load_registry
 
     reg = load_registry(models)
     for spec in _select(reg, names, pair, all_):

@@ -1,4 +1,7 @@
-"""Options shared by several commands (engine settings, registry, pair)."""
+"""Options shared by several commands, declared once (typer ``Annotated`` types).
+
+The pair, engine and Ray options are grouped in ``cli/groups.py``; the engine
+options are generated there from ``EngineSettings``' fields."""
 
 from __future__ import annotations
 
@@ -6,17 +9,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from ..assembly import (  # noqa: F401  (re-exported: the commands import them from here)
-    PairChoice,
-    engine_overrides,
-    engine_settings,
-    load_pair,
-    load_registry,
-    pair_choice,
-    ray_options,
-    registry_and_pair,
-)
 
 ModelsOpt = Annotated[
     Path | None,
@@ -33,19 +25,6 @@ StrongSystemOpt = Annotated[str | None, typer.Option("--strong-system", metavar=
 WeakSystemOpt = Annotated[str | None, typer.Option("--weak-system", metavar="TEXT", help="System prompt of the --weak side.")]
 
 
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: [engine] n_threads; 0 = all cores).")]
-NCtxOpt = Annotated[int | None, typer.Option("--n-ctx", help="Context window in tokens; longer records are truncated (and flagged).")]
-NBatchOpt = Annotated[int | None, typer.Option("--n-batch", help="Tokens per llama_decode call.")]
-NUbatchOpt = Annotated[int | None, typer.Option("--n-ubatch", help="Physical batch size.")]
-GpuOpt = Annotated[int | None, typer.Option("--n-gpu-layers", help="Layers on the GPU (-1 = all; needs a CUDA build).")]
-ParallelOpt = Annotated[
-    bool,
-    typer.Option(
-        "--parallel-responses",
-        help="Decode the responses of a record side by side (several sequences per decode). "
-        "Faster on some machines, but a response's score then depends slightly on its sibling responses.",
-    ),
-]
 NoPullOpt = Annotated[bool, typer.Option("--no-pull", help="Fail instead of fetching missing registry models.")]
 
 

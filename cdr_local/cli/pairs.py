@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..assembly import PairChoice
 from .annotate import (
     ForceOpt,
     InputArg,
@@ -18,36 +19,25 @@ from .annotate import (
     RejectsOpt,
     ResumeOpt,
 )
+from .groups import PAIR, RAY, engine_options, uses
 from .options import (
     CalibrationOpt,
-    GpuOpt,
     KeepTopOpt,
     MethodOpt,
     MinConfidenceOpt,
     ModelsOpt,
-    NBatchOpt,
-    NCtxOpt,
     NoPullOpt,
-    NUbatchOpt,
-    PairChoice,
-    PairOpt,
     ProfileOpt,
-    RayActorsOpt,
-    RayOpt,
-    RayPartitionOpt,
     RouterOpt,
     RuleOpt,
-    StrongOpt,
-    StrongSystemOpt,
-    ThreadsOpt,
-    WeakOpt,
-    WeakSystemOpt,
 )
 
 
+@uses(PAIR, engine_options(), RAY)
 def pairs(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="TRL preference pairs (JSONL): prompt, chosen, rejected, margin + provenance.")],
+    pair: PairChoice,
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="best-random (CDR), best-worst, random (REAL's baseline), real-easy, real-hard, real-centroid.")] = "best-random",
     min_margin: Annotated[float | None, typer.Option("--min-margin", help="Keep only pairs with margin >= this.")] = None,
     keep_dissimilar: Annotated[float | None, typer.Option("--keep-dissimilar", metavar="PERCENT", help="Selection over labelled pairs: keep this percentage of the least similar chosen/rejected pairs (REAL's easy subset).")] = None,
@@ -55,11 +45,6 @@ def pairs(
     keep_random: Annotated[float | None, typer.Option("--keep-random", metavar="PERCENT", help="Keep a random subset of this percentage, seeded by --seed and each id (REAL's random subset; similarity still recorded).")] = None,
     embed_model: Annotated[str | None, typer.Option("--embed-model", metavar="SRC", help="Model for embeddings: a registry name, a GGUF path or a Hub reference, as --strong (default: the pair's strong model).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of best-random, random and --keep-random (combined with each record id).")] = 0,
-    pair: PairOpt = None,
-    strong: StrongOpt = None,
-    weak: WeakOpt = None,
-    strong_system: StrongSystemOpt = None,
-    weak_system: WeakSystemOpt = None,
     method: MethodOpt = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
@@ -75,15 +60,10 @@ def pairs(
     limit: LimitOpt = None,
     quiet: QuietOpt = False,
     plain: PlainOpt = False,
-    threads: ThreadsOpt = None,
-    n_ctx: NCtxOpt = None,
-    n_batch: NBatchOpt = None,
-    n_ubatch: NUbatchOpt = None,
-    n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
-    ray: RayOpt = None,
-    ray_actors: RayActorsOpt = None,
-    ray_partition_size: RayPartitionOpt = 64,
+    *,
+    engine: dict[str, Any],
+    ray: Any,  # RayOptions, or None without --ray
 ) -> None:
     """Turn records with N responses into training pairs.
 
@@ -93,6 +73,7 @@ def pairs(
     reason.  Output rows load with datasets.load_dataset("json", ...) and feed
     TRL's DPO / reward trainers (margin is TRL's margin column).
     """
+    from ..assembly import engine_settings, registry_and_pair
     from ..errors import CdrError
     from ..files import is_regular
     from ..pairs import EMBEDS, STRATEGIES
@@ -100,10 +81,8 @@ def pairs(
     from ..profiles import load_profile
     from ..records import parse_line
     from ..ui import RunDisplay
-    from .options import engine_overrides, engine_settings, ray_options, registry_and_pair
 
-    choice = PairChoice(pair, strong, weak, strong_system, weak_system)
-    choice.check()
+    pair.check()
     if strategy not in STRATEGIES:
         raise CdrError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     keeps = [(k, v) for k, v in (("dissimilar", keep_dissimilar), ("similar", keep_similar), ("random", keep_random)) if v is not None]
@@ -119,11 +98,9 @@ def pairs(
     preflight(cfg)
     if keep is not None and (input == "-" or not is_regular(input)):
         raise CdrError(f"--keep-{keep[0]} reads the input twice (a first pass for its threshold): give it a file, not stdin or a pipe")
-    ray_opts = ray_options(ray, ray_actors, ray_partition_size)
-    if ray_opts is not None and keep is not None:
+    if ray is not None and keep is not None:
         raise CdrError(f"--keep-{keep[0]} does not run on --ray (its threshold needs a first pass over the whole input)")
-    overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
-    reg, pair_name = registry_and_pair(models, choice)
+    reg, pair_name = registry_and_pair(models, pair)
     if embed_model is not None and (strategy in EMBEDS or keep is not None):
         from ..models import with_model
 
@@ -141,14 +118,14 @@ def pairs(
     score = keep is None and not _looks_scored(input, first if first in MEASURED else None)
     mode = f"keep-{keep[0]}" if keep is not None else strategy
     spec = PairsSpec(
-        reg, pair_name, engine_settings(reg, overrides), load_profile(profile) if score else None, router, not no_pull,
+        reg, pair_name, engine_settings(reg, engine), load_profile(profile) if score else None, router, not no_pull,
         strategy, embed_model, min_margin, seed, keep, input, rule, cal, method,
     )
     display = RunDisplay(f"pairs [{mode}]", quiet=quiet, plain=True if plain else None)
-    if ray_opts is not None:
+    if ray is not None:
         from ..distributed import run_on_ray
 
-        summary = run_on_ray(cfg, parse_line, spec, ray_opts.for_settings(spec.settings), display)
+        summary = run_on_ray(cfg, parse_line, spec, ray.for_settings(spec.settings), display)
     else:
         built = spec()
         try:

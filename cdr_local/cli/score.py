@@ -2,44 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ..assembly import PairChoice
+from .groups import PAIR, engine_options, uses
 from .options import (
-    GpuOpt,
     ModelsOpt,
-    NBatchOpt,
-    NCtxOpt,
     NoPullOpt,
-    NUbatchOpt,
-    PairChoice,
-    PairOpt,
-    StrongOpt,
-    StrongSystemOpt,
-    ThreadsOpt,
-    WeakOpt,
-    WeakSystemOpt,
 )
 
 
+@uses(PAIR, engine_options())
 def score(
     prompt: Annotated[str, typer.Option("--prompt", help="The user prompt.")],
     response: Annotated[list[str], typer.Option("--response", "-r", help="A response (repeat for several).")],
+    pair: PairChoice,
     system: Annotated[str | None, typer.Option("--system", help="A system message that is part of the record (both sides see it).")] = None,
-    pair: PairOpt = None,
-    strong: StrongOpt = None,
-    weak: WeakOpt = None,
-    strong_system: StrongSystemOpt = None,
-    weak_system: WeakSystemOpt = None,
     models: ModelsOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the output record as JSON.")] = False,
-    threads: ThreadsOpt = None,
-    n_ctx: NCtxOpt = None,
-    n_batch: NBatchOpt = None,
-    n_ubatch: NUbatchOpt = None,
-    n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
+    *,
+    engine: dict[str, Any],
 ) -> None:
     """Score one example: each response's reward, log-probs and token counts (--pair, or --strong SRC --weak SRC).
 
@@ -50,17 +35,13 @@ def score(
 
     from ..api import Annotator
     from ..errors import CdrError
-    from .options import engine_overrides
 
-    choice = PairChoice(pair, strong, weak, strong_system, weak_system)
-    choice.check()
+    pair.check()
     if not prompt.strip():
         raise CdrError("empty prompt")
     if any(not r.strip() for r in response):
         raise CdrError("empty response")
-    engine = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
-    with Annotator(pair, strong=strong, weak=weak, strong_system=strong_system, weak_system=weak_system, models=models,
-                   pull=not no_pull, **engine) as a:
+    with Annotator(pair, models=models, pull=not no_pull, **engine) as a:
         out = a.score(prompt, response, id="cli", system=system)
         pair_name = a.pair.spec.name
     if json_out:

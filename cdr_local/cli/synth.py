@@ -9,15 +9,11 @@ import typer
 
 from ..atomic import write_bytes_atomic
 from .annotate import ForceOpt, LimitOpt, OverwriteOpt, PlainOpt, QuietOpt, RejectsOpt, ResumeOpt
+from .groups import engine_options, uses
 from .options import (
-    GpuOpt,
     ModelsOpt,
-    NBatchOpt,
-    NCtxOpt,
     NoPullOpt,
-    NUbatchOpt,
     StrongSystemOpt,
-    ThreadsOpt,
     WeakSystemOpt,
 )
 
@@ -27,6 +23,7 @@ _WEAK = Annotated[str | None, typer.Option("--weak", metavar="SRC", help="With -
                                             "(same forms as --model).")]
 
 
+@uses(engine_options())
 def synth(
     input: Annotated[str, typer.Argument(help="Prompts JSONL ('-' for stdin): {prompt, id?}; a prompt may be a message list. Other fields pass through.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Pairs JSONL in TRL's preference format, with provenance.")],
@@ -54,12 +51,9 @@ def synth(
     limit: LimitOpt = None,
     quiet: QuietOpt = False,
     plain: PlainOpt = False,
-    threads: ThreadsOpt = None,
-    n_ctx: NCtxOpt = None,
-    n_batch: NBatchOpt = None,
-    n_ubatch: NUbatchOpt = None,
-    n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
+    *,
+    engine: dict[str, Any],
 ) -> None:
     """Generate response 1, draw the label and aspects, then generate response 2
     conditioned on response 1, the label and the aspects (RMBoost).
@@ -74,6 +68,7 @@ def synth(
     from rich.console import Console
     from rich.table import Table
 
+    from ..assembly import PairChoice, engine_settings, load_registry
     from ..engine import LanguageModel, library_keys, load_model
     from ..errors import CdrError
     from ..models import resolve, with_model
@@ -83,7 +78,6 @@ def synth(
     from ..scoring import ChatSide
     from ..synth import SynthTask, agreement_report, load_templates
     from ..ui import RunDisplay, say
-    from .options import PairChoice, engine_overrides, engine_settings, load_registry
 
     if model is not None and strong is not None:
         raise CdrError("--model and --strong both name the model that generates: give one")
@@ -129,8 +123,7 @@ def synth(
     if verify is not None:
         reg.pair(verify)
     name = spec.name
-    overrides = engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False)
-    settings = engine_settings(reg, overrides)
+    settings = engine_settings(reg, engine)
     path = resolve(spec, pull=not no_pull, progress=say)
     gen_sha = model_sha256(spec, path, say)
     verifier: LoadedPair | None = None

@@ -3,51 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
+    from ..runs import ScoringOptions
 
+from ..assembly import PairChoice
 from ..atomic import write_bytes_atomic
 from .annotate import ForceOpt, PlainOpt, QuietOpt
+from .groups import PAIR, engine_options, uses
 from .options import (
     CalibrationOpt,
-    GpuOpt,
     ModelsOpt,
-    NBatchOpt,
-    NCtxOpt,
     NoPullOpt,
-    NUbatchOpt,
-    PairChoice,
-    PairOpt,
     ProfileOpt,
     RouterOpt,
     RuleOpt,
-    StrongOpt,
-    StrongSystemOpt,
-    ThreadsOpt,
-    WeakOpt,
-    WeakSystemOpt,
 )
 
 
+@uses(PAIR, engine_options())
 def winrate(
     model: Annotated[list[Path], typer.Option("--model", "-m", help="Model outputs: AlpacaEval model_outputs.json or JSONL of {instruction, output}. Repeat for a leaderboard.")],
     baseline: Annotated[Path, typer.Option("--baseline", "-b", help="Baseline outputs, same formats; matched by instruction.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scored outputs (resumable) and winrate.json.")],
-    pair: PairOpt = None,
-    strong: StrongOpt = None,
-    weak: WeakOpt = None,
-    strong_system: StrongSystemOpt = None,
-    weak_system: WeakSystemOpt = None,
+    pair: PairChoice,
     models: ModelsOpt = None,
     profile: ProfileOpt = "none",
     router: RouterOpt = None,
     instructions: Annotated[int | None, typer.Option("--instructions", help="Score a seeded random subset of this many instructions (default: all).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the instruction subset.")] = 0,
     tau: Annotated[float | None, typer.Option("--tau", help="Temperature: P(model wins) = sigmoid(margin / tau). Default: the pair's calibration (cdr eval --calibrate), else the margins' spread.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="cdr (default: the density ratio, each output scored "
+                      "alone, the baseline once) or judge (the strong model reads each model output beside the baseline's, "
+                      "both orders; P(model wins) = sigmoid(margin / 2), the judge's own log-odds, unless --tau).")] = None,
     rule: RuleOpt = None,
     calibration: CalibrationOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Also print the report as one JSON object on stdout (tables go to stderr).")] = False,
@@ -56,55 +48,60 @@ def winrate(
     reference: Annotated[Path | None, typer.Option("--reference", help="JSON {model name: published LC win rate} for a Spearman check.")] = None,
     quiet: QuietOpt = False,
     plain: PlainOpt = False,
-    threads: ThreadsOpt = None,
-    n_ctx: NCtxOpt = None,
-    n_batch: NBatchOpt = None,
-    n_ubatch: NUbatchOpt = None,
-    n_gpu_layers: GpuOpt = None,
     no_pull: NoPullOpt = False,
+    *,
+    engine: dict[str, Any],
 ) -> None:
     """Win rate of each model over the baseline: raw, and length-controlled (AlpacaEval-LC's GLM).
 
     Each output is scored alone, so the baseline is scored once for all models.
     The annotator's preference is sigmoid((reward_model - reward_baseline) / tau).
-    Reruns resume where they stopped.
+    With --method judge, each (model, baseline) pair of outputs is judged side by
+    side instead.  Reruns resume where they stopped.
     """
     from ..errors import CdrError
     from ..files import kind
     from ..locks import exclusive
-    from .options import engine_overrides
 
-    choice = PairChoice(pair, strong, weak, strong_system, weak_system)
-    choice.check()
+    pair.check()
     if tau is not None and tau <= 0:
         raise CdrError("--tau must be positive")
+    from ..methods import DENSITY, parse_methods
+
+    methods = parse_methods(method)
+    if len(methods) > 1:
+        raise CdrError("winrate takes one --method (it reports one win rate per model)")
+    if methods[0] not in DENSITY and (rule is not None or calibration is not None):
+        raise CdrError(f"--rule and --calibration go with --method cdr (the {methods[0]} has no rule)")
     if kind(output) not in ("missing", "directory"):
         raise CdrError(f"--output {output} is a {kind(output)}: winrate writes a folder")
     if not report_only:  # the registry and the pair (--strong/--weak too): before any folder or model
-        from .options import registry_and_pair
+        from ..assembly import registry_and_pair
 
-        registry_and_pair(models, choice)
+        registry_and_pair(models, pair)
     output.mkdir(parents=True, exist_ok=True)
     with exclusive(output / "winrate.json", "winrate"):  # one winrate per folder at a time
-        _winrate(model, baseline, output, choice, models, profile, router, instructions, seed, tau, force, report_only,
-                 reference, quiet, plain, engine_overrides(threads, n_ctx, n_batch, n_ubatch, n_gpu_layers, False), no_pull,
-                 rule, calibration, json_out)
+        from ..runs import ScoringOptions
+
+        opts = ScoringOptions(pair=pair, models=models, profile=profile, router=router, rule=rule, method=method,
+                              calibration=calibration, force=force, quiet=quiet, plain=plain, engine=engine,
+                              pull=not no_pull)
+        _winrate(model, baseline, output, opts, instructions, seed, tau, report_only, reference, json_out)
 
 
-def _winrate(model: list[Path], baseline: Path, output: Path, pair: PairChoice, models: Path | None, profile: str,
-             router: str | None, instructions: int | None, seed: int, tau: float | None, force: bool, report_only: bool,
-             reference: Path | None, quiet: bool, plain: bool, overrides: dict[str, object], no_pull: bool,
-             rule: str | None, calibration: Path | None, json_out: bool) -> None:
+def _winrate(model: list[Path], baseline: Path, output: Path, opts: ScoringOptions, instructions: int | None, seed: int,
+             tau: float | None, report_only: bool, reference: Path | None, json_out: bool) -> None:
     import orjson
     from rich.console import Console
     from rich.table import Table
 
     from ..errors import CdrError
-    from ..pipeline import InputChanged
+    from ..methods import parse_methods
     from ..winrate import (
         annotation_rows,
         default_tau,
         difficulties,
+        judged_margins,
         leaderboard_csv,
         load_outputs,
         margins_of,
@@ -112,9 +109,9 @@ def _winrate(model: list[Path], baseline: Path, output: Path, pair: PairChoice, 
         paired_responses,
         select_instructions,
         spearman,
+        write_judge_records,
         write_records,
     )
-
 
     base = load_outputs(baseline)
     chosen = select_instructions(base, instructions, seed)
@@ -122,51 +119,55 @@ def _winrate(model: list[Path], baseline: Path, output: Path, pair: PairChoice, 
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise CdrError("model files must have distinct names")
-    from dataclasses import replace
-
-    from ..runs import ScoringOptions, run_scoring
-
-    opts = ScoringOptions(pair=pair, models=models, profile=profile, router=router, rule=rule, calibration=calibration,
-                          force=force, quiet=quiet, plain=plain, engine=overrides, pull=not no_pull)
+    judging = parse_methods(opts.method)[0] == "judge"
     scored: dict[str, Path] = {}
     for name, _src, outs in runs:
-        out = output / f"{name}.scores.jsonl"
+        if judging and name == "baseline":
+            continue  # judged beside each model's outputs
+        out = output / (f"{name}.judge.jsonl" if judging else f"{name}.scores.jsonl")
         if report_only:
             if out.exists():
                 scored[name] = out
             continue
-        rec = output / f"{name}.input.jsonl"
-        write_records(rec, chosen, outs)
-        try:
-            summary = run_scoring("winrate", str(rec), str(out), replace(opts, resume=out.exists()))
-        except InputChanged:  # new outputs (or another instruction subset) since they were scored
-            Console(stderr=True, highlight=False).print(f"{name}: its outputs changed since they were scored: scoring them again")
-            summary = run_scoring("winrate", str(rec), str(out), replace(opts, overwrite=True))
-        if summary.interrupted:
-            raise typer.Exit(130)
-        scored[name] = out
-    if "baseline" not in scored:
-        raise CdrError(f"no baseline scores in {output}")
-    from ..rules import DEFAULT_RULE, estimate, parse_rule
-
-    outputs = {name: outs for name, _src, outs in runs[1:] if name in scored}
-    responses = {name: paired_responses(scored[name], scored["baseline"], chosen, outs) for name, outs in outputs.items()}
-    cal = _calibration(scored["baseline"], calibration)
-    # the rule: --rule, else the one the scores were labelled with; its label-free parameters
-    # from the calibration, else from these (model, baseline) pairs
-    rule_text = rule or _rule_label(scored["baseline"]) or (cal.rule if cal else DEFAULT_RULE)
-    pairs_all = [pr for rs in responses.values() for pr in rs.values()]
-    params = cal.params if cal is not None else (estimate(pairs_all) if pairs_all else {})
-    spec = parse_rule(rule_text, params)
-    rule_label = spec.label()
-    all_margins = {name: margins_of(rs, spec) for name, rs in responses.items()}
-    tau_from = "--tau"
-    if tau is None:
-        if cal is not None and cal.tau.get(rule_label):
-            tau, tau_from = float(cal.tau[rule_label] or 1.0), f"calibration {cal.path}"
+        rec = output / (f"{name}.judge-input.jsonl" if judging else f"{name}.input.jsonl")
+        if judging:
+            write_judge_records(rec, chosen, outs, base)
         else:
-            tau = default_tau([m for ms in all_margins.values() for m in ms.values()])
-            tau_from = "the margins' spread (no calibration for this pair and rule)"
+            write_records(rec, chosen, outs)
+        _score(name, rec, out, opts)
+        scored[name] = out
+    outputs = {name: outs for name, _src, outs in runs[1:] if name in scored}
+    if judging:
+        all_margins = {name: judged_margins(scored[name], chosen) for name in outputs}
+        rule_label = "judge"
+        annotator_pair = _pair_name(next(iter(scored.values()))) if scored else "?"
+        tau_from = "--tau" if tau is not None else "the judge's log-odds (P = sigmoid(margin / 2))"
+        tau = tau if tau is not None else 2.0
+    else:
+        if "baseline" not in scored:
+            raise CdrError(f"no baseline scores in {output}")
+        from ..rules import DEFAULT_RULE, estimate, parse_rule
+
+        responses = {name: paired_responses(scored[name], scored["baseline"], chosen, outs) for name, outs in outputs.items()}
+        cal = _calibration(scored["baseline"], Path(opts.calibration) if opts.calibration is not None else None)
+        # the rule: --rule, else the one the scores were labelled with; its label-free parameters
+        # from the calibration, else from these (model, baseline) pairs
+        rule_text = opts.rule or _rule_label(scored["baseline"]) or (cal.rule if cal else DEFAULT_RULE)
+        pairs_all = [pr for rs in responses.values() for pr in rs.values()]
+        params = cal.params if cal is not None else (estimate(pairs_all) if pairs_all else {})
+        spec = parse_rule(rule_text, params)
+        rule_label = spec.label()
+        annotator_pair = _pair_name(scored["baseline"])
+        all_margins = {name: margins_of(rs, spec) for name, rs in responses.items()}
+        tau_from = "--tau"
+        if tau is None:
+            if cal is not None and cal.tau.get(rule_label):
+                tau, tau_from = float(cal.tau[rule_label] or 1.0), f"calibration {cal.path}"
+            else:
+                tau = default_tau([m for ms in all_margins.values() for m in ms.values()])
+                tau_from = "the margins' spread (no calibration for this pair and rule)"
+    if not outputs:
+        raise CdrError(f"no model scores in {output}")
     diffs = difficulties(all_margins, tau)
     results = [model_result(name, all_margins[name], chosen, outputs[name], base, tau, diffs[name] or None)
                for name in outputs]
@@ -201,12 +202,30 @@ def _winrate(model: list[Path], baseline: Path, output: Path, pair: PairChoice, 
             )
     write_bytes_atomic(output / "winrate.json", orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     write_bytes_atomic(output / "leaderboard.csv", leaderboard_csv(results))
-    annotator = f"cdr-local:{_pair_name(scored['baseline'])}/{rule_label}"
+    annotator = f"cdr-local:{annotator_pair}/{rule_label}"
     rows = [a for name in outputs for a in annotation_rows(name, all_margins[name], outputs[name], base, tau, annotator)]
     write_bytes_atomic(output / "annotations.json", orjson.dumps(rows, option=orjson.OPT_INDENT_2))
     if json_out:
         typer.echo(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY).decode())
     console.print(f"report: {output / 'winrate.json'} (alpaca_eval formats: leaderboard.csv, annotations.json)")
+
+
+def _score(name: str, records: Path, out: Path, opts: ScoringOptions) -> None:
+    """Score one run's records into ``out``, resuming; outputs changed since are scored again."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from ..pipeline import InputChanged
+    from ..runs import run_scoring
+
+    try:
+        summary = run_scoring("winrate", str(records), str(out), replace(opts, resume=out.exists()))
+    except InputChanged:  # new outputs (or another instruction subset) since they were scored
+        Console(stderr=True, highlight=False).print(f"{name}: its outputs changed since they were scored: scoring them again")
+        summary = run_scoring("winrate", str(records), str(out), replace(opts, overwrite=True))
+    if summary.interrupted:
+        raise typer.Exit(130)
 
 
 def _sidecar(scores: Path) -> dict[str, object]:

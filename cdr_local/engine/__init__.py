@@ -22,9 +22,9 @@ one padded batch of its own continuations (see ``engine/hf.py``).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,38 +48,52 @@ def available_cpus() -> int:
     return max(1, n)
 
 
+def _setting(default: Any, *, flags: tuple[str, ...] = (), help: str = "", range: tuple[int, int] | None = None,
+             toml: bool = False) -> Any:
+    """One engine setting's declaration: its default, and what the registry and the CLI derive from it
+    (``flags``: the command-line option, first name canonical; ``toml``: models.toml's ``[engine]``
+    table may set it; ``range``: the accepted integers, checked everywhere the value can come from)."""
+    return field(default=default, metadata={"flags": flags, "help": help, "range": range, "toml": toml})
+
+
 @dataclass(frozen=True)
 class EngineSettings:
-    """Everything that changes numbers or speed; recorded in every output's metadata."""
+    """Everything that changes numbers or speed; recorded in every output's metadata.
 
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_ubatch: int = 512
-    n_threads: int = 0  # 0: os.cpu_count()
-    n_gpu_layers: int = 0
-    n_seq_max: int = 8  # responses of one record decoded side by side in one batch
-    parallel_responses: bool = False
+    The one place engine settings are declared: models.toml's ``[engine]`` keys and
+    their checks (:attr:`RANGES`, :attr:`FLAGS`), the commands' engine options
+    (``cli/groups.py``) and the Python API's keyword arguments (:data:`CLI_KEYS`)
+    are all read from these fields.
+
+    Upper bounds of the ranges are sanity limits: llama.cpp allocates per thread
+    and per context token without checking, and a typo (--threads 99999, --n-ctx
+    99999999999) would otherwise crash or exhaust memory instead of failing in one
+    line.  n_ctx is also checked against each model's trained context and the free
+    memory when it loads.
+    """
+
+    n_ctx: int = _setting(4096, flags=("--n-ctx",), range=(32, 1 << 20), toml=True,
+                          help="Context window in tokens; longer records are truncated (and flagged).")
+    n_batch: int = _setting(512, flags=("--n-batch",), range=(16, 1 << 16), toml=True,
+                            help="Tokens per llama_decode call.")
+    n_ubatch: int = _setting(512, flags=("--n-ubatch",), range=(16, 1 << 16), toml=True, help="Physical batch size.")
+    n_threads: int = _setting(0, flags=("--threads", "-t"), range=(0, 512), toml=True,
+                              help="CPU threads (default: [engine] n_threads; 0 = all cores).")
+    n_gpu_layers: int = _setting(0, flags=("--n-gpu-layers",), range=(-1, 100_000), toml=True,
+                                 help="Layers on the GPU (-1 = all; needs a CUDA build).")
+    #: responses of one record decoded side by side in one batch
+    n_seq_max: int = _setting(8, range=(1, 256))
+    parallel_responses: bool = _setting(
+        False, flags=("--parallel-responses",),
+        help="Decode the responses of a record side by side (several sequences per decode). "
+        "Faster on some machines, but a response's score then depends slightly on its sibling responses.")
     flash_attn: bool = False
 
-    #: the accepted range of each integer setting (one place: flags and models.toml's
-    #: [engine] table are checked against it).  Upper bounds are sanity limits:
-    #: llama.cpp allocates per thread and per context token without checking, and
-    #: a typo (--threads 99999, --n-ctx 99999999999) would otherwise crash or
-    #: exhaust memory instead of failing in one line.  n_ctx is also checked
-    #: against each model's trained context and the free memory when it loads.
-    RANGES = {
-        "n_ctx": (32, 1 << 20),
-        "n_batch": (16, 1 << 16),
-        "n_ubatch": (16, 1 << 16),
-        "n_threads": (0, 512),
-        "n_gpu_layers": (-1, 100_000),
-        "n_seq_max": (1, 256),
-    }
-
+    #: the accepted range of each integer setting (derived from the fields, below)
+    RANGES: ClassVar[dict[str, tuple[int, int]]]
     #: the settings models.toml's ``[engine]`` table may hold, and each one's flag: the
     #: registry's checks, the CLI's error messages and the overrides all read these
-    FLAGS = {"n_ctx": "--n-ctx", "n_batch": "--n-batch", "n_ubatch": "--n-ubatch", "n_threads": "--threads",
-             "n_gpu_layers": "--n-gpu-layers"}
+    FLAGS: ClassVar[dict[str, str]]
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in self.RANGES.items():
@@ -97,6 +111,12 @@ class EngineSettings:
         d = asdict(self)
         d["n_threads"] = self.threads()
         return d
+
+
+EngineSettings.RANGES = {f.name: f.metadata["range"] for f in fields(EngineSettings) if f.metadata.get("range")}
+EngineSettings.FLAGS = {f.name: f.metadata["flags"][0] for f in fields(EngineSettings) if f.metadata.get("toml")}
+#: the settings a command line (and the Python API) may override, in declaration order
+CLI_KEYS = tuple(f.name for f in fields(EngineSettings) if f.metadata.get("flags"))
 
 
 @dataclass(frozen=True)
@@ -201,7 +221,9 @@ def library_keys(model: LanguageModel, role: str | None = None) -> dict[str, Any
     llama.cpp's version under the key every earlier output has
     (``llama_cpp_python``, so those still resume), another backend's versions
     and device under ``ROLE.backend`` (so the guard refuses to mix backends)."""
+    from .backends import DEFAULT_BACKEND
+
     d = model.describe()
-    if d["backend"] == "llama.cpp":
+    if d["backend"] == DEFAULT_BACKEND:
         return dict(d["numerics"])
     return {f"{role}.backend" if role else "backend": {"backend": d["backend"], **d["numerics"]}}

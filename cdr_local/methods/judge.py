@@ -98,11 +98,12 @@ class JudgeMethod:
         criteria = self.profile.domain(domain).system.strip() if domain is not None else ""
         return JUDGE_SYSTEM + (CRITERIA.format(criteria=criteria) if criteria else "")
 
-    def _fit(self, system: str, question: str, a: str, b: str) -> tuple[Any, list[int], list[bool]]:
-        """The tokenized judge prompt for (a, b), each response cut at its start as
-        needed to fit the window; returns it, the tokens each response kept, and whether each was cut."""
+    def _fit(self, system: str, question: str, a: str, b: str, toks: tuple[Sequence[int], Sequence[int]]
+             ) -> tuple[Any, list[int], list[bool]]:
+        """The tokenized judge prompt for (a, b) (``toks``: their tokens, to cut them), each
+        response cut at its start as needed to fit the window; returns it, the tokens each
+        response kept, and whether each was cut."""
         m = self.side.model
-        toks = [m.tokenize(t, add_special=False, parse_special=False) for t in (a, b)]
         keep = [len(t) for t in toks]
         texts = [a, b]
         need = max(len(x) for x in self.letters) + SLACK
@@ -114,7 +115,7 @@ class JudgeMethod:
             if sum(keep) == 0:
                 break
             keep = allot(keep, max(0, sum(keep) - over))
-            texts = [m.detokenize(t[:k]) if k < len(t) else s for t, k, s in zip(toks, keep, (a, b), strict=True)]
+            texts = [m.detokenize(list(t[:k])) if k < len(t) else s for t, k, s in zip(toks, keep, (a, b), strict=True)]
         from ..pipeline import RecordError
 
         raise RecordError(f"the judge prompt does not fit n_ctx {m.n_ctx}, even with both responses cut")
@@ -132,9 +133,10 @@ class JudgeMethod:
         orders = [(i, j) for i in range(n) for j in range(n) if i != j]
         requests, kept = [], []
         cut = [False] * n
-        read = [len(self.side.model.tokenize(r, add_special=False, parse_special=False)) for r in responses]
+        toks = [self.side.model.tokenize(r, add_special=False, parse_special=False) for r in responses]  # once each
+        read = [len(t) for t in toks]
         for i, j in orders:
-            tok, keep, was_cut = self._fit(system, question, responses[i], responses[j])
+            tok, keep, was_cut = self._fit(system, question, responses[i], responses[j], (toks[i], toks[j]))
             for k, c, idx in zip(keep, was_cut, (i, j), strict=True):
                 read[idx] = min(read[idx], k)
                 cut[idx] = cut[idx] or c
