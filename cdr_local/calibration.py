@@ -269,7 +269,7 @@ def fit(pairs: list[Any], params: dict[str, float], *, pair: str, models: dict[s
 
     if len(pairs) < 10:
         raise CdrError(f"a calibration needs at least 10 labelled pairs, got {len(pairs)}")
-    longer = np.array([p.chosen.chars > p.rejected.chars for p in pairs])
+    longer = np.array([p.chars[0] > p.chars[1] for p in pairs])
     w = _balanced_weights(longer)
     cal = Calibration(pair=pair, models=models, rule=rule, params=params, fitted_on=fitted_on)
     for m in pairs[0].values:

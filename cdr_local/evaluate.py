@@ -55,10 +55,19 @@ class EvalPair:
     section: str
     values: dict[str, tuple[float, float]]  # method -> (chosen value, rejected value)
     domain: str | None = None
+    # the density pass's numbers of each side (None: scored without it, ``--method judge``)
     chosen: Response | None = None
     rejected: Response | None = None
     # method -> |confidence statistic| (ranks pairs for selective accuracy); default |margin|
     confidence: dict[str, float] = field(default_factory=dict)
+    # length measure -> (chosen, rejected): ``chars``, and the tokens each pass read
+    # (``strong_tokens``/``weak_tokens`` of the density pass, else ``judge_tokens``)
+    lengths: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def chars(self) -> tuple[int, int]:
+        """(chosen, rejected) characters; (0, 0) where unknown (the "same" stratum)."""
+        return self.lengths.get("chars", (0, 0))
 
 
 def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> list[int]:
@@ -97,18 +106,17 @@ def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> list[int]
     return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
 
 
-def _response(d: dict[str, Any]) -> Response:
-    """A response's density-pass numbers; NaN sums (and the judge's token count) when the
-    output was scored without that pass (``--method judge``): rules are then not reported."""
-    if "strong_logprob" in d:
-        return Response.from_score(d)
-    nan = float("nan")
-    return Response(nan, int(d.get("judge_tokens", 0)), nan, 0, int(d["chars"]))
+def _lengths(c: dict[str, Any], r: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """The length measures both scores entries hold: the density pass's token counts, else the judge's."""
+    keys = ("strong_tokens", "weak_tokens") if "strong_tokens" in c and "strong_tokens" in r else ("judge_tokens",)
+    return {k: (int(c[k]), int(r[k])) for k in (*keys, "chars") if k in c and k in r}
 
 
-def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str, str | None, Response, Response, dict[str, tuple[float, float]]]]:
-    """(id, subset, section, domain, chosen, rejected, measured) of each labelled pair in
-    an annotate/eval output (records given as chosen/rejected); ``measured``: the
+def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str, str | None, Response | None, Response | None,
+                                                   dict[str, tuple[float, float]], dict[str, tuple[int, int]]]]:
+    """(id, subset, section, domain, chosen, rejected, measured, lengths) of each labelled
+    pair in an annotate/eval output (records given as chosen/rejected): chosen and
+    rejected are the density pass's numbers (None without that pass); ``measured``: the
     (chosen, rejected) values of the :data:`MEASURED` methods the output holds."""
     with open(path, "rb") as f:
         for line in f:
@@ -122,7 +130,9 @@ def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str, str | None, Re
             section = str(obj.get("section") or subset)
             c, r = by_name["chosen"], by_name["rejected"]
             measured = {m: (float(c[m]), float(r[m])) for m in MEASURED if m in c and m in r}
-            yield (str(obj["id"]), subset, section, obj.get("domain"), _response(c), _response(r), measured)
+            density = "strong_logprob" in c and "strong_logprob" in r
+            yield (str(obj["id"]), subset, section, obj.get("domain"), Response.from_score(c) if density else None,
+                   Response.from_score(r) if density else None, measured, _lengths(c, r))
 
 
 def rule_specs(params: dict[str, float], names: Iterable[str] | None = None) -> list[RuleSpec]:
@@ -144,36 +154,42 @@ def pairs_from_output(
         rows = rows[:limit]
     if not rows:
         return []
-    density = all(_has_density(c) and _has_density(r) for *_, c, r, _m in rows)
-    measured = [m for m in MEASURED if all(m in ms for *_, ms in rows)]
+    sides = [(c, r) for *_, c, r, _m, _l in rows if c is not None and r is not None]
+    density = len(sides) == len(rows)
+    measured = [m for m in MEASURED if all(m in ms for *_, ms, _l in rows)]
     if density:
-        p = dict(params) if params is not None else estimate((c, r) for *_, c, r, _m in rows)
+        p = dict(params) if params is not None else estimate(sides)
         specs = rule_specs(p) + [parse_rule(x, p) for x in extra]
     else:  # scored without the density pass: its rules are not measured, the length baselines are
         specs = rule_specs({}, ("longer", "shorter"))
     out = []
-    for rid, subset, section, domain, c, r, ms in rows:
+    for rid, subset, section, domain, c, r, ms, lengths in rows:
         values: dict[str, tuple[float, float]] = {}
         conf: dict[str, float] = {}
         for m in measured:
             values[m] = ms[m]
             conf[m] = abs(MEASURED[m](ms[m][0] - ms[m][1]))
+        # without the density pass only the length baselines are reported; they read characters alone
+        sc, sr = (c, r) if c is not None and r is not None else (_chars_only(lengths["chars"][0]), _chars_only(lengths["chars"][1]))
         for spec in specs:
-            vc, vr = spec.values([c, r])
+            vc, vr = spec.values([sc, sr])
             values[spec.label()] = (vc, vr)
-            conf[spec.label()] = abs(spec.rule.z(vc - vr, c, r))
-        out.append(EvalPair(rid, subset, section, values, domain, c, r, conf))
+            conf[spec.label()] = abs(spec.rule.z(vc - vr, sc, sr))
+        out.append(EvalPair(rid, subset, section, values, domain, c, r, conf, lengths))
     return out
 
 
-def _has_density(r: Response) -> bool:
-    return not (np.isnan(r.strong_logprob) or np.isnan(r.weak_logprob))
+def _chars_only(chars: int) -> Response:
+    """A response known by its characters alone (no density pass): what the length
+    baselines ``longer``/``shorter`` read; its log-probs are NaN and never reported."""
+    nan = float("nan")
+    return Response(nan, 0, nan, 0, chars)
 
 
 def estimated_params(pairs: list[EvalPair]) -> dict[str, float]:
     """The label-free rule parameters of these pairs (none without the density pass)."""
     both = [(p.chosen, p.rejected) for p in pairs if p.chosen is not None and p.rejected is not None]
-    if not both or not all(_has_density(c) and _has_density(r) for c, r in both):
+    if not both or len(both) < len(pairs):
         return {}
     return estimate(both)
 
@@ -239,7 +255,7 @@ def _num(x: float) -> float | None:
 
 
 def _strata(pairs: list[EvalPair]) -> dict[str, np.ndarray]:
-    dl = np.array([(p.chosen.chars - p.rejected.chars) if p.chosen and p.rejected else 0 for p in pairs])
+    dl = np.array([p.chars[0] - p.chars[1] for p in pairs])
     return {"longer": dl > 0, "shorter": dl < 0, "same": dl == 0}
 
 
@@ -371,17 +387,10 @@ def report(pairs: Iterable[EvalPair], *, n_boot: int = 1000, seed: int = 0) -> d
 def _length_summary(pairs: list[EvalPair], strata: dict[str, np.ndarray]) -> dict[str, Any]:
     """How the sample's lengths lean: by which measure the strata go, and the
     chosen-minus-rejected length by each measure (strong tokens, weak tokens, characters)."""
-    c = [p.chosen for p in pairs if p.chosen and p.rejected]
-    r = [p.rejected for p in pairs if p.chosen and p.rejected]
-    if not c:
+    measures = [k for k in ("strong_tokens", "weak_tokens", "judge_tokens", "chars") if pairs and all(k in p.lengths for p in pairs)]
+    if not measures:
         return {"strata_by": LENGTH_MEASURE, "pairs": {k: int(v.sum()) for k, v in strata.items()}}
-    d = {
-        "strong_tokens": np.array([a.strong_tokens - b.strong_tokens for a, b in zip(c, r, strict=True)], dtype=float),
-        "weak_tokens": np.array([a.weak_tokens - b.weak_tokens for a, b in zip(c, r, strict=True)], dtype=float),
-        "chars": np.array([a.chars - b.chars for a, b in zip(c, r, strict=True)], dtype=float),
-    }
-    if not all(_has_density(a) for a in c + r):  # no weak-model pass (--method judge): no weak tokens
-        del d["weak_tokens"]
+    d = {k: np.array([p.lengths[k][0] - p.lengths[k][1] for p in pairs], dtype=float) for k in measures}
     return {
         "strata_by": LENGTH_MEASURE,
         "pairs": {k: int(v.sum()) for k, v in strata.items()},

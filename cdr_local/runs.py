@@ -174,17 +174,21 @@ def eval_report(output: str, *, rule: str | None = None, method: str | None = No
         raise CdrError(f"no output to report on: {output}")
     meta_path = Path(output + ".meta.json")
     meta = orjson.loads(meta_path.read_bytes()) if meta_path.exists() else {}
-    from .methods import DENSITY, parse_methods
+    from .methods import DENSITY, METHODS, parse_methods
 
     extra_rules = list(rules or [])
-    labeller = parse_methods(method)[0] if method else ((meta.get("method") or {}).get("names") or ["cdr"])[0]
-    if labeller == "cdr" or rule:
-        main = rule or (meta.get("rule") or {}).get("label") or MAIN
-    elif labeller == "strong":
-        main = (meta.get("rule") or {}).get("label") if method is None else "strong-sum"
-        main = main or "strong-sum"
-    else:
+    scored_with = (meta.get("method") or {}).get("names") or ["cdr"]
+    labeller = parse_methods(method)[0] if method else scored_with[0]
+    # the report's main entry: --rule; a density method's recorded rule (if it was scored
+    # with it), else its default rule; any other method's own values
+    recorded = (meta.get("rule") or {}).get("label")
+    default_rule = METHODS[labeller].rule
+    if rule:
+        main = rule
+    elif default_rule is None:
         main = labeller
+    else:
+        main = recorded if recorded and labeller in scored_with else default_rule
     try:
         if first is not None and first < 1:
             raise CdrError("--limit must be at least 1")

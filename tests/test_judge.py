@@ -147,6 +147,18 @@ def test_cli_annotate_eval_pairs_with_the_judge(tiny_registry: Path, tmp_path: P
         assert set(x["judge"]) == {"position_bias", "verdict_mass", "orders"}
     meta = orjson.loads((tmp_path / "ann.jsonl.meta.json").read_bytes())
     assert meta["method"]["names"] == ["judge"] and "prompt_sha256" in meta["judge"]
+    # a judge-only output reports the judge and the length baselines, with the judge's token counts as a length measure
+    _cdr(home, "eval", inp, "-o", ann, "--models", tiny_registry, "--report-only", "--method", "judge", "--quiet",
+         "--bootstrap", "20")
+    rep = orjson.loads((tmp_path / "ann.report.json").read_bytes())
+    assert set(rep["methods"]) == {"judge", "longer", "shorter"}
+    sides = [{s["response"]: s for s in x["scores"]} for x in _rows(ann)]
+    for k in ("judge_tokens", "chars"):
+        want = sum(d["chosen"][k] - d["rejected"][k] for d in sides) / len(sides)
+        assert rep["length"]["mean_chosen_minus_rejected"][k] == pytest.approx(want)
+    assert set(rep["length"]["mean_chosen_minus_rejected"]) == {"judge_tokens", "chars"}
+    longer = sum(d["chosen"]["chars"] > d["rejected"]["chars"] for d in sides) / len(sides)
+    assert rep["methods"]["longer"]["overall"]["acc"] == pytest.approx(longer)
     # a resume must not mix methods
     p = _cdr(home, "annotate", inp, "-o", ann, "--models", tiny_registry, "--resume", "--quiet", "--n-ctx", "2048", ok=False)
     assert p.returncode != 0 and "method" in p.stderr.decode()
@@ -163,6 +175,10 @@ def test_cli_annotate_eval_pairs_with_the_judge(tiny_registry: Path, tmp_path: P
     assert "balanced" in rep["methods"]["judge"]["length"]
     # the same output, judged alone and with cdr, gives the judge the same values
     assert [s["judge"] for x in rows for s in x["scores"]] == [s["judge"] for x in _rows(ann) for s in x["scores"]]
+    # the report's main entry follows --method: the recorded rule of the density pass, the strong model's default rule
+    for m, main in (("cdr", orjson.loads((tmp_path / "ev.jsonl.meta.json").read_bytes())["rule"]["label"]), ("strong", "strong-sum")):
+        _cdr(home, "eval", inp, "-o", ev, "--models", tiny_registry, "--report-only", "--method", m, "--quiet", "--bootstrap", "20")
+        assert orjson.loads((tmp_path / "ev.report.json").read_bytes())["main"] == main
     # report-only on a cdr output asked for the judge: one line
     plain = tmp_path / "plain.jsonl"
     _cdr(home, "eval", inp, "-o", plain, "--models", tiny_registry, "--quiet", "--bootstrap", "20")

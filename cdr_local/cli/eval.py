@@ -132,9 +132,11 @@ def eval_(
         if not quiet:
             console.print(subset_table(rep, main))
         lm = rep["length"]
+        share = lm.get("chosen_longer_share", {})
+        tok = next((k for k in ("strong_tokens", "judge_tokens") if k in share), None)
+        by_tokens = f" ({tok.replace('_', ' ')}) in {100 * share[tok]:.1f}% of these pairs" if tok else ""
         console.print(
-            f"length: chosen is the longer response (strong tokens) in {100 * lm['chosen_longer_share']['strong_tokens']:.1f}% "
-            f"of these pairs ({100 * lm['chosen_longer_share']['chars']:.1f}% by characters); "
+            f"length: chosen is the longer response{by_tokens} ({100 * share.get('chars', float('nan')):.1f}% by characters); "
             f"strata: {lm['pairs']['longer']} longer, {lm['pairs']['shorter']} shorter, {lm['pairs']['same']} same length"
         )
         if calibrate:

@@ -82,6 +82,9 @@ class MethodInfo:
     name: str
     summary: str
     build: Callable[..., Method]
+    #: a method of the density pass labels with a scoring rule: this one unless the run
+    #: names another (``--rule``, a calibration's); None: the method's own values label
+    rule: str | None = None
 
 
 def _density(name: str) -> Callable[..., Method]:
@@ -105,15 +108,16 @@ METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
         MethodInfo("cdr", "the density ratio log p_strong - log p_weak, labelled by --rule (default: the calibration's, else cdr-sum)",
-                   _density("cdr")),
-        MethodInfo("strong", "the strong model's log-likelihood alone (rule strong-sum, or --rule strong-mean)", _density("strong")),
+                   _density("cdr"), rule="cdr-sum"),
+        MethodInfo("strong", "the strong model's log-likelihood alone (rule strong-sum, or --rule strong-mean)", _density("strong"),
+                   rule="strong-sum"),
         MethodInfo("judge", "the strong model as a pairwise judge: log P(verdict A) - log P(verdict B), both orders averaged",
                    _judge),
     )
 }
 DEFAULT_METHOD = "cdr"
 #: the methods of the density pass: they label with a scoring rule (``--rule``)
-DENSITY = ("cdr", "strong")
+DENSITY = tuple(name for name, m in METHODS.items() if m.rule is not None)
 
 #: methods whose values an output's ``scores`` entries hold under the method's own key,
 #: and how a margin between two of them reads as a z-like statistic (what a calibration
