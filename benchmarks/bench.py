@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 from cdr_local.annotate import AnnotateTask  # noqa: E402
 from cdr_local.engine import EngineSettings, ScoreRequest  # noqa: E402
 from cdr_local.engine import llama as E  # noqa: E402
-from cdr_local.models import load_registry  # noqa: E402
+from cdr_local.models import load_registry, resolve  # noqa: E402
 from cdr_local.pair import LoadedPair  # noqa: E402
 from cdr_local.records import Record, parse_line  # noqa: E402
 from cdr_local.reward import ResponseScore  # noqa: E402
@@ -428,8 +429,23 @@ def bench_scaling(args: argparse.Namespace, out: dict[str, Any]) -> None:
         lengths.append({"prompt": L, "response": L, "tok_per_s": 2 * L / dt})
     out["lengths"] = lengths
 
-    # sequences per llama_decode (bare decode, what batching records would give)
-    multi = E.LlamaModel(m.path, EngineSettings(n_ctx=4096, n_batch=1024, n_ubatch=1024, n_threads=args.threads, n_seq_max=16, parallel_responses=True))
+    bench_multiseq(args, out, m.path, toks)
+    pair.close()
+
+
+def bench_multiseq(args: argparse.Namespace, out: dict[str, Any], path: Path,
+                   toks: Callable[[int], tuple[int, ...]] | None = None) -> None:
+    """The multi-sequence ceiling: bare llama_decode of 16 sequences of 64 tokens, 1, 4
+    or 16 sequences per decode (what packing several records into one decode would give)."""
+    multi = E.LlamaModel(path, EngineSettings(n_ctx=2048, n_batch=1024, n_ubatch=1024, n_threads=args.threads,
+                                              n_gpu_layers=args.n_gpu_layers, n_seq_max=16, parallel_responses=True))
+    if toks is None:
+        rng = np.random.default_rng(0)
+        vocab = min(multi.n_vocab, 32000)
+
+        def toks(n: int) -> tuple[int, ...]:
+            return tuple(int(x) for x in rng.integers(min(100, vocab - 1), vocab, n))
+
     seqs = [toks(64) for _ in range(16)]
     per = []
     for k in (1, 4, 16):
@@ -448,7 +464,6 @@ def bench_scaling(args: argparse.Namespace, out: dict[str, Any]) -> None:
         per.append({"sequences_per_decode": k, "tok_per_s": 16 * 64 / best})
     out["sequences_per_decode"] = per
     multi.close()
-    pair.close()
 
 
 def bench_logsoftmax(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -601,6 +616,7 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="offload to the GPU (-1: all; CUDA build)")
     ap.add_argument("--workloads", default="single,pair", help="comma list of single, pair (or none)")
     ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--multiseq", action="store_true", help="only the multi-sequence ceiling (part of --scaling), on --pair's strong model")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--logsoftmax", action="store_true", help="time the log-softmax alone: one thread vs the pool")
     ap.add_argument("--memory-records", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 100000])
@@ -616,6 +632,9 @@ def main() -> None:
         bench_workload("pair", args, args.pair, ["strong", "weak"], out)
     if args.scaling:
         bench_scaling(args, out)
+    elif args.multiseq:
+        reg = load_registry(args.models)
+        bench_multiseq(args, out, resolve(reg.model(reg.pair(args.pair).strong.model), pull=True))
     if args.logsoftmax:
         bench_logsoftmax(args, out)
     if args.memory:

@@ -69,3 +69,16 @@ def test_make_shapes_writes_loadable_models(tmp_path: Path) -> None:
             assert toks
     assert (tmp_path / "test-small-q4_k_m.gguf").stat().st_size < (tmp_path / "test-small-f16.gguf").stat().st_size
     assert 'strong = "test-small-q4_k_m"' in (tmp_path / "models.toml").read_text()
+
+
+def test_multiseq_alone_on_the_pairs_strong_model(tiny_registry: Path, tmp_path: Path) -> None:
+    """--multiseq: the multi-sequence ceiling only, 1, 4 and 16 sequences per decode."""
+    out = tmp_path / "b.json"
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--models", str(tiny_registry), "--pair", "tiny",
+                        "--workloads", "none", "--multiseq", "--repeats", "1", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [r["sequences_per_decode"] for r in res["sequences_per_decode"]] == [1, 4, 16]
+    assert all(r["tok_per_s"] > 0 for r in res["sequences_per_decode"])
+    assert "prompt_sharing" not in res  # the rest of --scaling did not run
