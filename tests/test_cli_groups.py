@@ -38,7 +38,7 @@ def test_engine_options_are_the_fields_that_declare_flags() -> None:
     assert EngineSettings.RANGES["n_seq_max"] == (1, 256) and EngineSettings.RANGES["n_threads"] == (0, 512)
     names = [o.name for o in engine_options().options]
     assert names == [k for k in CLI_KEYS if k != "parallel_responses"]
-    assert [o.name for o in engine_options(parallel=True).options] == list(CLI_KEYS)
+    assert [o.name for o in engine_options(opt_in=True).options] == list(CLI_KEYS)
 
 
 @pytest.mark.parametrize("command", ["annotate", "eval", "pairs", "score", "winrate", "synth"])
@@ -65,7 +65,7 @@ def _probe() -> tuple[typer.Typer, list[dict[str, Any]]]:
     probe = typer.Typer()
 
     @probe.command()
-    @uses(PAIR, engine_options(parallel=True), RAY)
+    @uses(PAIR, engine_options(opt_in=True), RAY)
     def run(x: int = 1, *, pair: PairChoice, engine: dict[str, Any], ray: Any) -> None:
         seen.append({"x": x, "pair": pair, "engine": engine, "ray": ray})
 

@@ -36,7 +36,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress displ
 PlainOpt = Annotated[bool, typer.Option("--plain", help="Plain log lines instead of the progress bar.")]
 
 
-@uses(PAIR, engine_options(parallel=True), RAY)
+@uses(PAIR, engine_options(opt_in=True), RAY)
 def annotate(
     input: InputArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Output JSONL ('-' for stdout). Sidecars: OUT.meta.json, OUT.rejects.jsonl.")],

@@ -83,11 +83,12 @@ RAY = OptionGroup("ray", (
 ), _ray_options)
 
 
-def engine_options(*, parallel: bool = False) -> OptionGroup:
+def engine_options(*, opt_in: bool = False) -> OptionGroup:
     """The engine settings a command line may override, one option per
     :class:`~cdr_local.engine.EngineSettings` field that declares flags; the
     command gets ``engine``: ``{setting: value or None}`` (None: keep models.toml's).
-    ``parallel``: include ``--parallel-responses`` (only annotate decodes responses side by side)."""
+    ``opt_in``: include the settings only some commands offer (``--parallel-responses``:
+    only annotate decodes responses side by side)."""
     from dataclasses import fields
     from typing import get_type_hints
 
@@ -97,7 +98,7 @@ def engine_options(*, parallel: bool = False) -> OptionGroup:
     options = []
     for f in fields(EngineSettings):
         flags = f.metadata.get("flags")
-        if not flags or (f.name == "parallel_responses" and not parallel):
+        if not flags or (f.metadata["opt_in"] and not opt_in):
             continue
         kind = hints[f.name]
         info = typer.Option(*flags, help=f.metadata["help"], rich_help_panel="Engine")

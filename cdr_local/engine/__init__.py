@@ -49,11 +49,12 @@ def available_cpus() -> int:
 
 
 def _setting(default: Any, *, flags: tuple[str, ...] = (), help: str = "", range: tuple[int, int] | None = None,
-             toml: bool = False) -> Any:
+             toml: bool = False, opt_in: bool = False) -> Any:
     """One engine setting's declaration: its default, and what the registry and the CLI derive from it
     (``flags``: the command-line option, first name canonical; ``toml``: models.toml's ``[engine]``
-    table may set it; ``range``: the accepted integers, checked everywhere the value can come from)."""
-    return field(default=default, metadata={"flags": flags, "help": help, "range": range, "toml": toml})
+    table may set it; ``range``: the accepted integers, checked everywhere the value can come from;
+    ``opt_in``: only commands that ask for it offer the flag)."""
+    return field(default=default, metadata={"flags": flags, "help": help, "range": range, "toml": toml, "opt_in": opt_in})
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class EngineSettings:
     #: responses of one record decoded side by side in one batch
     n_seq_max: int = _setting(8, range=(1, 256))
     parallel_responses: bool = _setting(
-        False, flags=("--parallel-responses",),
+        False, flags=("--parallel-responses",), opt_in=True,
         help="Decode the responses of a record side by side (several sequences per decode). "
         "Faster on some machines, but a response's score then depends slightly on its sibling responses.")
     flash_attn: bool = False
