@@ -89,3 +89,20 @@ KeepTopOpt = Annotated[
     typer.Option("--keep-top", metavar="Q", help="Keep the most confident share Q of records (0 < Q <= 1): the threshold is the "
                  "calibration sample's, fixed before the run; the others go to OUT.abstained.jsonl."),
 ]
+
+
+# the run: input, resume, rejects, display (the pipeline's options)
+InputArg = Annotated[
+    str,
+    typer.Argument(
+        help="Input JSONL ('-' for stdin): {prompt, chosen, rejected}, {prompt, response_a, response_b}, "
+        "{prompt, responses: [...]}, or TRL conversational records."
+    ),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run: skip ids already in the output.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start again, replacing an existing output.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even if settings that change scores differ from the first run.")]
+RejectsOpt = Annotated[str | None, typer.Option("--rejects", help="Where rejected lines go (default OUT.rejects.jsonl; '-' = stderr).")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Score at most this many new records.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary.")]
+PlainOpt = Annotated[bool, typer.Option("--plain", help="Plain log lines instead of the progress bar.")]

@@ -9,25 +9,23 @@ from typing import Annotated, Any
 import typer
 
 from ..assembly import PairChoice
-from .annotate import (
-    ForceOpt,
-    InputArg,
-    LimitOpt,
-    OverwriteOpt,
-    PlainOpt,
-    QuietOpt,
-    RejectsOpt,
-    ResumeOpt,
-)
 from .groups import PAIR, RAY, engine_options, uses
 from .options import (
     CalibrationOpt,
+    ForceOpt,
+    InputArg,
     KeepTopOpt,
+    LimitOpt,
     MethodOpt,
     MinConfidenceOpt,
     ModelsOpt,
     NoPullOpt,
+    OverwriteOpt,
+    PlainOpt,
     ProfileOpt,
+    QuietOpt,
+    RejectsOpt,
+    ResumeOpt,
     RouterOpt,
     RuleOpt,
 )

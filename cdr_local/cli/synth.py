@@ -8,11 +8,17 @@ from typing import Annotated, Any
 import typer
 
 from ..atomic import write_bytes_atomic
-from .annotate import ForceOpt, LimitOpt, OverwriteOpt, PlainOpt, QuietOpt, RejectsOpt, ResumeOpt
 from .groups import engine_options, uses
 from .options import (
+    ForceOpt,
+    LimitOpt,
     ModelsOpt,
     NoPullOpt,
+    OverwriteOpt,
+    PlainOpt,
+    QuietOpt,
+    RejectsOpt,
+    ResumeOpt,
     StrongSystemOpt,
     WeakSystemOpt,
 )

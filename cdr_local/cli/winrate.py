@@ -13,13 +13,15 @@ if TYPE_CHECKING:
 
 from ..assembly import PairChoice
 from ..atomic import write_bytes_atomic
-from .annotate import ForceOpt, PlainOpt, QuietOpt
 from .groups import PAIR, engine_options, uses
 from .options import (
     CalibrationOpt,
+    ForceOpt,
     ModelsOpt,
     NoPullOpt,
+    PlainOpt,
     ProfileOpt,
+    QuietOpt,
     RouterOpt,
     RuleOpt,
 )
