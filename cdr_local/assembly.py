@@ -101,3 +101,26 @@ def ray_options(address: str | None, actors: int | None, partition_size: int) ->
     from .distributed import RayOptions
 
     return RayOptions(address=address or None, actors=actors, partition_size=partition_size)
+
+
+def labelling(registry: Any, pair: str | None, rule: str | None, path: str | Path | None, min_confidence: float | None,
+              keep_top: float | None, cfg: Any, *, method: str | None = None) -> Any:
+    """Everything about how a run labels, settled before any model loads: the
+    calibration (``path`` or the pair's shipped one), the rule it implies, and the
+    abstain thresholds, which go into the run's config (hook, metadata, and the
+    settings a resume must match).  Returns the calibration for the task."""
+    from .calibration import abstain_rule, abstainer, resolve
+    from .methods import DENSITY, parse_methods
+    from .methods.density import rule_for
+
+    cal = resolve(registry, pair, path)
+    names = parse_methods(method)
+    specs = {n: rule_for(n, rule, cal) for n in names if n in DENSITY}  # a bad --rule fails here, before any load
+    first = names[0]
+    spec = specs[first] if first in specs else rule_for("cdr", rule, cal)
+    cut = abstain_rule(cal, spec.label() if first in DENSITY else first, min_confidence, keep_top)
+    cfg.abstain = abstainer(cut)
+    if cut:
+        cfg.meta["abstain"] = cut
+        cfg.numerics["abstain"] = cut
+    return cal

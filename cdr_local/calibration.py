@@ -286,25 +286,3 @@ def fit(pairs: list[Any], params: dict[str, float], *, pair: str, models: dict[s
         cf = cross_fitted(z, right, longer)
         cal.quality[m] = {"cross_fitted": reliability(cf, right), "accuracy": float(right.mean())}
     return cal
-
-
-def labelling(registry: Any, pair: str | None, rule: str | None, path: str | Path | None, min_confidence: float | None,
-              keep_top: float | None, cfg: Any, *, method: str | None = None) -> Calibration | None:
-    """Everything about how a run labels, settled before any model loads: the
-    calibration (``path`` or the pair's shipped one), the rule it implies, and the
-    abstain thresholds, which go into the run's config (hook, metadata, and the
-    settings a resume must match).  Returns the calibration for the task."""
-    from .methods import DENSITY, parse_methods
-    from .methods.density import rule_for
-
-    cal = resolve(registry, pair, path)
-    names = parse_methods(method)
-    specs = {n: rule_for(n, rule, cal) for n in names if n in DENSITY}  # a bad --rule fails here, before any load
-    first = names[0]
-    spec = specs[first] if first in specs else rule_for("cdr", rule, cal)
-    cut = abstain_rule(cal, spec.label() if first in DENSITY else first, min_confidence, keep_top)
-    cfg.abstain = abstainer(cut)
-    if cut:
-        cfg.meta["abstain"] = cut
-        cfg.numerics["abstain"] = cut
-    return cal

@@ -91,8 +91,7 @@ def run_scoring(command: str, input: str, output: str, opts: ScoringOptions) -> 
     only the sidecar and the input, the registry and the pair, --strong/--weak
     included) is checked before the pair is loaded.
     """
-    from .assembly import engine_settings, pair_choice, registry_and_pair
-    from .calibration import labelling
+    from .assembly import engine_settings, labelling, pair_choice, registry_and_pair
     from .errors import CdrError
     from .pipeline import RunConfig, preflight, run
     from .profiles import load_profile

@@ -104,7 +104,7 @@ def pairs(
 
         reg, emb = with_model(reg, embed_model, flag="--embed-model")  # checked now, not after the pair has loaded
         embed_model = emb.name
-    from ..calibration import labelling
+    from ..assembly import labelling
 
     cal = labelling(reg, pair_name, rule, calibration, min_confidence, keep_top, cfg, method=method)
     # score on the fly only if some record lacks rewards: decided per record, but the
