@@ -584,8 +584,9 @@ def show(out: dict[str, Any]) -> None:
                           for r in out["prompt_sharing"]]))
         con.print(_table("length: prompt = response = L tokens", ("L", "tok/s"),
                          [(str(r["prompt"]), f"{r['tok_per_s']:,.0f}") for r in out["lengths"]]))
+    if "sequences_per_decode" in out:  # --scaling, or --multiseq alone
         con.print(_table("sequences per llama_decode (bare decode, 16 sequences of 64 tokens)", ("per decode", "tok/s"),
-                         [(str(r["sequences_per_decode"]), f"{r['tok_per_s']:,.0f}") for r in out["sequences_per_decode"]]))
+                         [(str(r["sequences_per_decode"]), f"{r['tok_per_s']:,.1f}") for r in out["sequences_per_decode"]]))
     if "logsoftmax" in out:
         con.print(_table("log-softmax (log-sum-exp) per logits row", ("vocabulary", "1 thread ms/row", "pool ms/row", "threads", "speed-up"),
                          [(f"{r['n_vocab']:,}", f"{r['ms_per_row_one_thread']:.3f}", f"{r['ms_per_row_pool']:.3f}", str(r["threads"]), f"{r['speedup']:.2f}x")

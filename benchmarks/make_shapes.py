@@ -166,10 +166,14 @@ def main(argv: list[str] | None = None) -> None:
                 t = time.time()
                 quantize(f16, path, int(QUANT_TYPES[ty] or 0), args.threads)
                 print(f"{path}: {path.stat().st_size / 2**30:.2f} GiB in {time.time() - t:.0f} s", flush=True)
-            key = f"{name}-{ty}"
-            reg += [f'[models."{key}"]', f'path = "{path.name}"', "", f'[pairs."{key}"]', f'strong = "{key}"', f'weak = "{key}"', ""]
         if "f16" not in types and not args.keep_f16:
             f16.unlink()
+    # every shape file in the folder, from this run or an earlier one (so runs add up)
+    for name in sorted(SHAPES):
+        for ty in QUANT_TYPES:
+            key = f"{name}-{ty}"
+            if (args.out / f"{key}.gguf").exists():
+                reg += [f'[models."{key}"]', f'path = "{key}.gguf"', "", f'[pairs."{key}"]', f'strong = "{key}"', f'weak = "{key}"', ""]
     (args.out / "models.toml").write_text("\n".join(reg) + "\n")
     print(f"registry: {args.out / 'models.toml'}")
 

@@ -69,6 +69,13 @@ def test_make_shapes_writes_loadable_models(tmp_path: Path) -> None:
             assert toks
     assert (tmp_path / "test-small-q4_k_m.gguf").stat().st_size < (tmp_path / "test-small-f16.gguf").stat().st_size
     assert 'strong = "test-small-q4_k_m"' in (tmp_path / "models.toml").read_text()
+    # a second run adds up: its registry names this run's file and the earlier run's still there
+    make_shapes.main(["--shape", "test-small", "--type", "q8_0", "--out", str(tmp_path), "--threads", "1"])
+    assert not (tmp_path / "test-small-f16.gguf").exists()  # not asked for, not kept
+    from cdr_local.models import load_registry
+
+    reg = load_registry(tmp_path / "models.toml")
+    assert sorted(reg.pairs) == ["test-small-q4_k_m", "test-small-q8_0"]
 
 
 def test_multiseq_alone_on_the_pairs_strong_model(tiny_registry: Path, tmp_path: Path) -> None:
