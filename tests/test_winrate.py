@@ -153,6 +153,19 @@ def test_winrate_judge_matches_annotate_and_recomputation(tmp_path: Path, tiny_r
     assert json.loads((out / "winrate.json").read_text())["models"] == rep["models"]
 
 
+def test_winrate_judge_says_why_nothing_was_judged(tmp_path: Path, tiny_registry: Path) -> None:
+    """Every pair rejected (the judge prompt does not fit the tiny registry's n_ctx 512): one line naming the rejects."""
+    _write_alpaca(tmp_path / "base.json", "base", 0, 0)
+    _write_alpaca(tmp_path / "m1.json", "m1", 2, 1)
+    r = subprocess.run([*CDR, "winrate", "-m", str(tmp_path / "m1.json"), "-b", str(tmp_path / "base.json"), "-o", str(tmp_path / "wr"),
+                        "--models", str(tiny_registry), "--instructions", "4", "--method", "judge", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "m1: 0 pairs judged, 4 rejected: see " in err and "m1.judge.rejects.jsonl" in err
+    assert len((tmp_path / "wr" / "m1.judge.rejects.jsonl").read_text().splitlines()) == 4
+
+
 @pytest.mark.parametrize(("extra", "msg"), [
     (["--method", "judge", "--rule", "cdr-sum"], "--rule and --calibration go with --method cdr"),
     (["--method", "judge,cdr"], "winrate takes one --method"),

@@ -123,6 +123,7 @@ def _winrate(model: list[Path], baseline: Path, output: Path, opts: ScoringOptio
         raise CdrError("model files must have distinct names")
     judging = parse_methods(opts.method)[0] == "judge"
     scored: dict[str, Path] = {}
+    rejected: dict[str, str] = {}  # name -> "N rejected: see PATH", for a run that rejected records
     for name, _src, outs in runs:
         if judging and name == "baseline":
             continue  # judged beside each model's outputs
@@ -136,11 +137,14 @@ def _winrate(model: list[Path], baseline: Path, output: Path, opts: ScoringOptio
             write_judge_records(rec, chosen, outs, base)
         else:
             write_records(rec, chosen, outs)
-        _score(name, rec, out, opts)
+        rejected[name] = _score(name, rec, out, opts)
         scored[name] = out
     outputs = {name: outs for name, _src, outs in runs[1:] if name in scored}
     if judging:
         all_margins = {name: judged_margins(scored[name], chosen) for name in outputs}
+        for name, ms in all_margins.items():
+            if len(ms) < 3 and rejected.get(name):  # model_result's "fewer than 3" would not say why
+                raise CdrError(f"{name}: {len(ms)} pairs judged, {rejected[name]}")
         rule_label = "judge"
         annotator_pair = _pair_name(next(iter(scored.values()))) if scored else "?"
         tau_from = "--tau" if tau is not None else "the judge's log-odds (P = sigmoid(margin / 2))"
@@ -212,8 +216,9 @@ def _winrate(model: list[Path], baseline: Path, output: Path, opts: ScoringOptio
     console.print(f"report: {output / 'winrate.json'} (alpaca_eval formats: leaderboard.csv, annotations.json)")
 
 
-def _score(name: str, records: Path, out: Path, opts: ScoringOptions) -> None:
-    """Score one run's records into ``out``, resuming; outputs changed since are scored again."""
+def _score(name: str, records: Path, out: Path, opts: ScoringOptions) -> str:
+    """Score one run's records into ``out``, resuming; outputs changed since are scored again.
+    Returns "N rejected: see PATH" when the run rejected records, else ""."""
     from dataclasses import replace
 
     from rich.console import Console
@@ -228,6 +233,7 @@ def _score(name: str, records: Path, out: Path, opts: ScoringOptions) -> None:
         summary = run_scoring("winrate", str(records), str(out), replace(opts, overwrite=True))
     if summary.interrupted:
         raise typer.Exit(130)
+    return f"{summary.rejected} rejected: see {summary.rejects_path}" if summary.rejected else ""
 
 
 def _sidecar(scores: Path) -> dict[str, object]:
