@@ -429,7 +429,7 @@ def run_on_ray(
         raise CdrError("--ray-actors must be at least 1")
     ray = import_ray()
     events = events or NullEvents()
-    input_total(cfg)  # an unreadable input fails here, before Ray starts
+    total = input_total(cfg)  # an unreadable input fails here, before Ray starts
     _connect(ray, opts.address)
     pool: _Pool | None = None
     try:
@@ -447,7 +447,7 @@ def run_on_ray(
             "partition_size": opts.partition_size,
         }
         cfg.meta["ray"] = info
-        return drive(cfg, parse, RayExecutor(pool, opts, cfg, info), events)
+        return drive(cfg, parse, RayExecutor(pool, opts, cfg, info), events, total=total)
     finally:
         if pool is not None:
             pool.close()

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import EllipsisType
 from typing import IO, Any, Protocol
 
 import orjson
@@ -806,16 +807,20 @@ def drive(
     parse: Callable[[bytes, int], Record | Reject | None],
     executor: Executor,
     events: Events | None = None,
+    *,
+    total: int | None | EllipsisType = ...,
 ) -> RunSummary:
     """The one driver loop of local and Ray runs: read and classify the input
     (:func:`batches`), let ``executor`` process the records, and write results,
     rejects and abstentions in input order through one :class:`Output`, with
-    ``--limit`` and resume handled here."""
+    ``--limit`` and resume handled here.  ``total``: :func:`input_total`, when the
+    caller has counted it already (``...``: count it here)."""
     events = events or NullEvents()
     out = Output(cfg)
     summary = RunSummary(output=cfg.output, rejects_path=str(out.rejects_path) if out.rejects_path else None,
                          abstained_path=str(out.abstained_path) if out.abstained_path and cfg.abstain else None)
-    total = input_total(cfg)  # before the output is created: an unreadable input is a user error
+    if total is ...:
+        total = input_total(cfg)  # before the output is created: an unreadable input is a user error
     reader = InputReader(cfg.input)
     # the input checkpoint of what is written: where --limit stopped the work, or the
     # last batch written (the sidecar records it; --resume checks the input against it)
@@ -832,11 +837,12 @@ def drive(
             summary.rejected += 1
         events.reject(rej)
 
-    def limit_reached() -> bool:
-        return cfg.limit is not None and summary.done >= cfg.limit
-
     def room() -> int | None:
         return None if cfg.limit is None else cfg.limit - summary.done
+
+    def limit_reached() -> bool:
+        left = room()
+        return left is not None and left <= 0
 
     def write(b: Batch) -> None:
         frozen = limit_reached()
