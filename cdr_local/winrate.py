@@ -93,9 +93,9 @@ def write_judge_records(path: Path, instructions: list[str], model: dict[str, st
     return n
 
 
-def judged_margins(path: Path, instructions: list[str]) -> dict[str, float]:
-    """instruction -> the judge's value(model) - value(baseline), from a judge output
-    of :func:`write_judge_records`' records (``scores[0]`` is the model's)."""
+def judged_margins(path: Path, instructions: list[str], method: str = "judge") -> dict[str, float]:
+    """instruction -> ``method``'s value(model) - value(baseline), from its output on
+    :func:`write_judge_records`' records (``scores[0]`` is the model's)."""
     ids = {instruction_id(ins): ins for ins in instructions}
     out: dict[str, float] = {}
     with open(path, "rb") as f:
@@ -105,7 +105,7 @@ def judged_margins(path: Path, instructions: list[str]) -> dict[str, float]:
                 ins = ids.get(str(obj["id"]))
                 if ins is not None:
                     a, b = obj["scores"]
-                    out[ins] = float(a["judge"]) - float(b["judge"])
+                    out[ins] = float(a[method]) - float(b[method])
     return out
 
 

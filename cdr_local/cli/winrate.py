@@ -88,17 +88,20 @@ def winrate(
         opts = ScoringOptions(pair=pair, models=models, profile=profile, router=router, rule=rule, method=method,
                               calibration=calibration, force=force, quiet=quiet, plain=plain, engine=engine,
                               pull=not no_pull)
-        _winrate(model, baseline, output, opts, instructions, seed, tau, report_only, reference, json_out)
+        # a method of its own (the judge) reads each model output beside the baseline's
+        pairwise = methods[0] if methods[0] not in DENSITY else None
+        _winrate(model, baseline, output, opts, pairwise, instructions, seed, tau, report_only, reference, json_out)
 
 
-def _winrate(model: list[Path], baseline: Path, output: Path, opts: ScoringOptions, instructions: int | None, seed: int,
-             tau: float | None, report_only: bool, reference: Path | None, json_out: bool) -> None:
+def _winrate(model: list[Path], baseline: Path, output: Path, opts: ScoringOptions, pairwise: str | None,
+             instructions: int | None, seed: int, tau: float | None, report_only: bool, reference: Path | None,
+             json_out: bool) -> None:
     import orjson
     from rich.console import Console
     from rich.table import Table
 
     from ..errors import CdrError
-    from ..methods import parse_methods
+    from ..methods import MEASURED
     from ..winrate import (
         annotation_rows,
         default_tau,
@@ -121,18 +124,18 @@ def _winrate(model: list[Path], baseline: Path, output: Path, opts: ScoringOptio
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise CdrError("model files must have distinct names")
-    judging = parse_methods(opts.method)[0] == "judge"
+    judging = pairwise is not None
     scored: dict[str, Path] = {}
     rejected: dict[str, str] = {}  # name -> "N rejected: see PATH", for a run that rejected records
     for name, _src, outs in runs:
         if judging and name == "baseline":
             continue  # judged beside each model's outputs
-        out = output / (f"{name}.judge.jsonl" if judging else f"{name}.scores.jsonl")
+        out = output / (f"{name}.{pairwise}.jsonl" if judging else f"{name}.scores.jsonl")
         if report_only:
             if out.exists():
                 scored[name] = out
             continue
-        rec = output / (f"{name}.judge-input.jsonl" if judging else f"{name}.input.jsonl")
+        rec = output / (f"{name}.{pairwise}-input.jsonl" if judging else f"{name}.input.jsonl")
         if judging:
             write_judge_records(rec, chosen, outs, base)
         else:
@@ -140,15 +143,17 @@ def _winrate(model: list[Path], baseline: Path, output: Path, opts: ScoringOptio
         rejected[name] = _score(name, rec, out, opts)
         scored[name] = out
     outputs = {name: outs for name, _src, outs in runs[1:] if name in scored}
-    if judging:
-        all_margins = {name: judged_margins(scored[name], chosen) for name in outputs}
+    if pairwise is not None:
+        all_margins = {name: judged_margins(scored[name], chosen, pairwise) for name in outputs}
         for name, ms in all_margins.items():
             if len(ms) < 3 and rejected.get(name):  # model_result's "fewer than 3" would not say why
                 raise CdrError(f"{name}: {len(ms)} pairs judged, {rejected[name]}")
-        rule_label = "judge"
+        rule_label = pairwise
         annotator_pair = _pair_name(next(iter(scored.values()))) if scored else "?"
-        tau_from = "--tau" if tau is not None else "the judge's log-odds (P = sigmoid(margin / 2))"
-        tau = tau if tau is not None else 2.0
+        # the method's z is its log-odds and linear in the margin: P = sigmoid(margin / tau), tau = margin / z
+        own_tau = 1.0 / MEASURED[pairwise](1.0)
+        tau_from = "--tau" if tau is not None else f"the {pairwise}'s log-odds (P = sigmoid(margin / {own_tau:g}))"
+        tau = tau if tau is not None else own_tau
     else:
         if "baseline" not in scored:
             raise CdrError(f"no baseline scores in {output}")
