@@ -106,9 +106,9 @@ def sample_lines(path: str | Path, per_section: int, seed: int = 0) -> list[int]
     return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
 
 
-def _lengths(c: dict[str, Any], r: dict[str, Any]) -> dict[str, tuple[int, int]]:
+def _lengths(c: dict[str, Any], r: dict[str, Any], density: bool) -> dict[str, tuple[int, int]]:
     """The length measures both scores entries hold: the density pass's token counts, else the judge's."""
-    keys = ("strong_tokens", "weak_tokens") if "strong_tokens" in c and "strong_tokens" in r else ("judge_tokens",)
+    keys = ("strong_tokens", "weak_tokens") if density else ("judge_tokens",)
     return {k: (int(c[k]), int(r[k])) for k in (*keys, "chars") if k in c and k in r}
 
 
@@ -132,7 +132,7 @@ def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str, str | None, Re
             measured = {m: (float(c[m]), float(r[m])) for m in MEASURED if m in c and m in r}
             density = "strong_logprob" in c and "strong_logprob" in r
             yield (str(obj["id"]), subset, section, obj.get("domain"), Response.from_score(c) if density else None,
-                   Response.from_score(r) if density else None, measured, _lengths(c, r))
+                   Response.from_score(r) if density else None, measured, _lengths(c, r, density))
 
 
 def rule_specs(params: dict[str, float], names: Iterable[str] | None = None) -> list[RuleSpec]:
@@ -386,7 +386,8 @@ def report(pairs: Iterable[EvalPair], *, n_boot: int = 1000, seed: int = 0) -> d
 
 def _length_summary(pairs: list[EvalPair], strata: dict[str, np.ndarray]) -> dict[str, Any]:
     """How the sample's lengths lean: by which measure the strata go, and the
-    chosen-minus-rejected length by each measure (strong tokens, weak tokens, characters)."""
+    chosen-minus-rejected length by each measure the pairs hold (strong and weak
+    tokens of the density pass, else the judge's tokens; characters)."""
     measures = [k for k in ("strong_tokens", "weak_tokens", "judge_tokens", "chars") if pairs and all(k in p.lengths for p in pairs)]
     if not measures:
         return {"strata_by": LENGTH_MEASURE, "pairs": {k: int(v.sum()) for k, v in strata.items()}}
